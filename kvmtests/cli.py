@@ -1,0 +1,56 @@
+"""The `kvmtests` command: probe the host, re-render a saved run, qualify a kernel image."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tabulate import tabulate
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .probe import probe_tables
+    for title, rows, headers in probe_tables():
+        print(f"== {title}")
+        print(tabulate(rows, headers=headers if any(headers) else (), tablefmt="simple"))
+        print()
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import render_file
+    try:
+        print(render_file(args.file))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"kvmtests report: cannot read {args.file}: {e}; pass a file written by --kvmtests-json",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmtests", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("probe", help="print the host's identity, capabilities and feature groups").set_defaults(
+        func=_probe)
+    rp = sub.add_parser("report", help="re-render the summary of a saved run (--kvmtests-json file)")
+    rp.add_argument("file")
+    rp.set_defaults(func=_report)
+    for module in ("qualify", "kernels"):
+        try:
+            __import__(f"kvmtests.{module}")
+        except ImportError:
+            continue
+        sys.modules[f"kvmtests.{module}"].register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""KVM objects: /dev/kvm, VMs, memory regions and vCPUs; raw calls return (ret, errno)."""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import uapi
+from .uapi import ffi, ioctl
+from .watchdog import Watchdog
+
+DEV_KVM_ENV = "KVMTESTS_DEV"
+
+
+class Unavailable(Exception):
+    """A precondition of a test is missing on this host; the message says which."""
+
+
+class KvmError(OSError):
+    """An ioctl that the suite relies on (not the one under test) failed."""
+
+
+def _check(what: str, result: tuple[int, int]) -> int:
+    ret, err = result
+    if ret < 0:
+        raise KvmError(err, f"{what}: {uapi.errno_name(err)} ({os.strerror(err)})")
+    return ret
+
+
+def dev_kvm_path() -> str:
+    """The KVM device under test: $KVMTESTS_DEV or /dev/kvm."""
+    return os.environ.get(DEV_KVM_ENV, "/dev/kvm")
+
+
+class Kvm:
+    """An open /dev/kvm."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path or dev_kvm_path()
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Unavailable(f"{self.path} does not exist: load kvm_intel or kvm_amd (or set {DEV_KVM_ENV})")
+        except PermissionError:
+            raise Unavailable(f"no permission to open {self.path}: run as root or join the kvm group")
+        except OSError as e:
+            raise Unavailable(f"cannot open {self.path}: {e.strerror}")
+        ret, err = ioctl(self.fd, uapi.KVM_GET_API_VERSION)
+        if ret != uapi.KVM_API_VERSION:
+            os.close(self.fd)
+            raise Unavailable(f"{self.path} is not a KVM device (KVM_GET_API_VERSION: {ret}, {uapi.errno_name(err)})")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm; a failing call reads as 0 (capability absent)."""
+        ret, _ = ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap)
+        return max(ret, 0)
+
+    def create_vm_raw(self, vm_type: int = 0) -> tuple[int, int]:
+        """KVM_CREATE_VM as is."""
+        return ioctl(self.fd, uapi.KVM_CREATE_VM, vm_type)
+
+    def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> "Vm":
+        fd = _check(f"KVM_CREATE_VM(type {vm_type})", self.create_vm_raw(vm_type))
+        return Vm(self, fd, vm_type)
+
+    def vcpu_mmap_size(self) -> int:
+        return _check("KVM_GET_VCPU_MMAP_SIZE", ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE))
+
+    def supported_cpuid(self) -> list[dict]:
+        return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")[0]
+
+    def supported_hv_cpuid(self) -> tuple[list[dict], int]:
+        """KVM_GET_SUPPORTED_HV_CPUID on /dev/kvm: (entries, errno)."""
+        return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_HV_CPUID, None)
+
+
+CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def _get_cpuid2(fd: int, request: int, what: str | None) -> tuple[list[dict], int]:
+    buf = ffi.cast("struct kvm_cpuid2 *", ffi.new("char[]", 8 + 40 * uapi.KVM_MAX_CPUID_ENTRIES))
+    buf.nent = uapi.KVM_MAX_CPUID_ENTRIES
+    ret, err = ioctl(fd, request, buf)
+    if ret < 0:
+        if what:
+            _check(what, (ret, err))
+        return ([], err)
+    return ([{k: getattr(buf.entries[i], k) for k in CPUID_FIELDS} for i in range(buf.nent)], 0)
+
+
+class MemRegion:
+    """Anonymous host memory behind one memslot."""
+
+    def __init__(self, vm: "Vm", slot: int, gpa: int, size: int, flags: int = 0, thp: bool = False):
+        self.vm, self.slot, self.gpa, self.size, self.flags = vm, slot, gpa, size, flags
+        mflags = uapi.MAP_PRIVATE | uapi.MAP_ANONYMOUS | uapi.MAP_NORESERVE
+        ptr, err = uapi.mmap(size, uapi.PROT_READ | uapi.PROT_WRITE, mflags)
+        if ptr is None:
+            raise KvmError(err, f"mmap of {size:#x} bytes for slot {slot}")
+        self.ptr = ptr
+        self.hva = int(ffi.cast("uintptr_t", ptr))
+        if thp:
+            uapi.madvise(ptr, size, uapi.MADV_HUGEPAGE)
+        self.buf = ffi.buffer(ffi.cast("char *", ptr), size)
+
+    def unmap(self) -> None:
+        if self.ptr is not None:
+            uapi.munmap(self.ptr, self.size)
+            self.ptr = None
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+
+    def write(self, gpa: int, data: bytes) -> None:
+        off = gpa - self.gpa
+        self.buf[off:off + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        off = gpa - self.gpa
+        return self.buf[off:off + length]
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, (value & (2**64 - 1)).to_bytes(8, "little"))
+
+
+class Vm:
+    """A KVM VM fd with its memory regions and vCPUs; closing it releases all of them."""
+
+    def __init__(self, kvm: Kvm, fd: int, vm_type: int):
+        self.kvm, self.fd, self.type = kvm, fd, vm_type
+        self.regions: list[MemRegion] = []
+        self.vcpus: list[Vcpu] = []
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for region in self.regions:
+            region.unmap()
+        self.regions.clear()
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd; a failing call reads as 0."""
+        ret, _ = ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap)
+        return max(ret, 0)
+
+    def set_user_memory_region_raw(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> tuple[int, int]:
+        region = ffi.new("struct kvm_userspace_memory_region *",
+                         {"slot": slot, "flags": flags, "guest_phys_addr": gpa,
+                          "memory_size": size, "userspace_addr": hva})
+        return ioctl(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def add_region(self, slot: int, gpa: int, size: int, flags: int = 0, thp: bool = False) -> MemRegion:
+        region = MemRegion(self, slot, gpa, size, flags, thp)
+        self.regions.append(region)
+        _check(f"KVM_SET_USER_MEMORY_REGION(slot {slot}, gpa {gpa:#x}, size {size:#x})",
+               self.set_user_memory_region_raw(slot, gpa, size, region.hva, flags))
+        return region
+
+    def remove_region(self, region: MemRegion) -> None:
+        _check(f"deleting slot {region.slot}", self.set_user_memory_region_raw(region.slot, region.gpa, 0, 0, 0))
+        region.unmap()
+        self.regions.remove(region)
+
+    def region_for(self, gpa: int, length: int = 1) -> MemRegion:
+        for region in self.regions:
+            if region.contains(gpa, length):
+                return region
+        raise KeyError(f"no memory region holds GPA {gpa:#x}+{length:#x}")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.region_for(gpa, len(data)).write(gpa, data)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self.region_for(gpa, length).read(gpa, length)
+
+    def set_tss_addr(self, gpa: int = 0xFFFBD000) -> None:
+        _check("KVM_SET_TSS_ADDR", ioctl(self.fd, uapi.KVM_SET_TSS_ADDR, gpa))
+
+    def create_irqchip(self) -> tuple[int, int]:
+        return ioctl(self.fd, uapi.KVM_CREATE_IRQCHIP)
+
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0) -> tuple[int, int]:
+        """KVM_SET_MEMORY_ATTRIBUTES as is."""
+        attrs = ffi.new("struct kvm_memory_attributes *",
+                        {"address": gpa, "size": size, "attributes": attributes, "flags": flags})
+        return ioctl(self.fd, uapi.KVM_SET_MEMORY_ATTRIBUTES, attrs)
+
+    def signal_msi(self, address: int, data: int, flags: int = 0) -> tuple[int, int]:
+        msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
+                                           "data": data, "flags": flags})
+        return ioctl(self.fd, uapi.KVM_SIGNAL_MSI, msi)
+
+    def enable_cap(self, cap: int, *args: int) -> tuple[int, int]:
+        return ioctl(self.fd, uapi.KVM_ENABLE_CAP, _enable_cap(cap, args))
+
+    def set_msr_filter(self, flags: int, ranges: Iterable[tuple[int, int, int, bytes]]) -> tuple[int, int]:
+        """KVM_X86_SET_MSR_FILTER with (flags, base, nmsrs, bitmap) ranges."""
+        filt = ffi.new("struct kvm_msr_filter *", {"flags": flags})
+        keep = []
+        for i, (rflags, base, nmsrs, bitmap) in enumerate(ranges):
+            bits = ffi.new("uint8_t[]", bitmap)
+            keep.append(bits)
+            filt.ranges[i] = {"flags": rflags, "nmsrs": nmsrs, "base": base, "bitmap": bits}
+        return ioctl(self.fd, uapi.KVM_X86_SET_MSR_FILTER, filt)
+
+    def create_vcpu_raw(self, vcpu_id: int) -> tuple[int, int]:
+        return ioctl(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id)
+
+    def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
+        fd = _check(f"KVM_CREATE_VCPU({vcpu_id})", self.create_vcpu_raw(vcpu_id))
+        vcpu = Vcpu(self, fd, vcpu_id)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+
+def _enable_cap(cap: int, args: Iterable[int]) -> object:
+    ec = ffi.new("struct kvm_enable_cap *", {"cap": cap})
+    for i, a in enumerate(args):
+        ec.args[i] = a
+    return ec
+
+
+@dataclass
+class Exit:
+    """What one KVM_RUN returned, decoded enough to name it in a message."""
+
+    ret: int
+    errno: int
+    reason: int
+    timed_out: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.timed_out:
+            return "watchdog timeout"
+        return uapi.exit_name(self.reason)
+
+
+class RunTimeout(AssertionError):
+    """KVM_RUN did not return before the watchdog fired."""
+
+
+class Vcpu:
+    """A vCPU fd with its mmap'd kvm_run."""
+
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int):
+        self.vm, self.fd, self.id = vm, fd, vcpu_id
+        self.mmap_size = vm.kvm.vcpu_mmap_size()
+        ptr, err = uapi.mmap(self.mmap_size, uapi.PROT_READ | uapi.PROT_WRITE, uapi.MAP_SHARED, fd)
+        if ptr is None:
+            os.close(fd)
+            raise KvmError(err, "mmap of kvm_run")
+        self._map = ptr
+        self.run_struct = ffi.cast("struct kvm_run *", ptr)
+        self.last_exit: Exit | None = None
+
+    def close(self) -> None:
+        if self._map is not None:
+            uapi.munmap(self._map, self.mmap_size)
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def kvm_run(self) -> object:
+        return self.run_struct
+
+    def run_bytes(self, offset: int, length: int) -> bytes:
+        return ffi.buffer(ffi.cast("char *", self._map) + offset, length)[:]
+
+    def set_run_bytes(self, offset: int, data: bytes) -> None:
+        ffi.buffer(ffi.cast("char *", self._map) + offset, len(data))[:] = data
+
+    def run(self, timeout: float = 5.0) -> Exit:
+        """One KVM_RUN bounded by a watchdog; a timeout shows as Exit.timed_out."""
+        self.run_struct.immediate_exit = 0
+        with Watchdog(self, timeout) as dog:
+            ret, err = ioctl(self.fd, uapi.KVM_RUN)
+        self.run_struct.immediate_exit = 0
+        self.last_exit = Exit(ret, err, self.run_struct.exit_reason, dog.fired and err == errno.EINTR)
+        return self.last_exit
+
+    def _get(self, request: int, ctype: str, what: str) -> object:
+        obj = ffi.new(ctype + " *")
+        _check(what, ioctl(self.fd, request, obj))
+        return obj
+
+    def get_regs(self) -> object:
+        return self._get(uapi.KVM_GET_REGS, "struct kvm_regs", "KVM_GET_REGS")
+
+    def set_regs(self, regs: object) -> None:
+        _check("KVM_SET_REGS", ioctl(self.fd, uapi.KVM_SET_REGS, regs))
+
+    def get_sregs(self) -> object:
+        return self._get(uapi.KVM_GET_SREGS, "struct kvm_sregs", "KVM_GET_SREGS")
+
+    def set_sregs(self, sregs: object) -> None:
+        _check("KVM_SET_SREGS", ioctl(self.fd, uapi.KVM_SET_SREGS, sregs))
+
+    def get_fpu(self) -> object:
+        return self._get(uapi.KVM_GET_FPU, "struct kvm_fpu", "KVM_GET_FPU")
+
+    def set_fpu(self, fpu: object) -> None:
+        _check("KVM_SET_FPU", ioctl(self.fd, uapi.KVM_SET_FPU, fpu))
+
+    def get_xsave(self) -> object:
+        return self._get(uapi.KVM_GET_XSAVE, "struct kvm_xsave", "KVM_GET_XSAVE")
+
+    def set_xsave(self, xsave: object) -> None:
+        _check("KVM_SET_XSAVE", ioctl(self.fd, uapi.KVM_SET_XSAVE, xsave))
+
+    def get_lapic(self) -> bytes:
+        return bytes(ffi.buffer(self._get(uapi.KVM_GET_LAPIC, "struct kvm_lapic_state", "KVM_GET_LAPIC")))
+
+    def set_lapic(self, regs: bytes) -> None:
+        state = ffi.new("struct kvm_lapic_state *")
+        ffi.memmove(state, regs, len(regs))
+        _check("KVM_SET_LAPIC", ioctl(self.fd, uapi.KVM_SET_LAPIC, state))
+
+    def get_events(self) -> object:
+        return self._get(uapi.KVM_GET_VCPU_EVENTS, "struct kvm_vcpu_events", "KVM_GET_VCPU_EVENTS")
+
+    def set_events(self, events: object) -> None:
+        _check("KVM_SET_VCPU_EVENTS", ioctl(self.fd, uapi.KVM_SET_VCPU_EVENTS, events))
+
+    def nmi(self) -> tuple[int, int]:
+        return ioctl(self.fd, uapi.KVM_NMI)
+
+    def get_mp_state(self) -> tuple[int, int]:
+        """KVM_GET_MP_STATE: (state or -1, errno)."""
+        st = ffi.new("struct kvm_mp_state *")
+        ret, err = ioctl(self.fd, uapi.KVM_GET_MP_STATE, st)
+        return (st.mp_state if ret == 0 else -1, err)
+
+    def set_mp_state(self, state: int) -> tuple[int, int]:
+        return ioctl(self.fd, uapi.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """KVM_GET_MSRS; only the MSRs KVM returned are in the result."""
+        indices = list(indices)
+        msrs = ffi.cast("struct kvm_msrs *", ffi.new("char[]", 8 + 16 * len(indices)))
+        msrs.nmsrs = len(indices)
+        for i, idx in enumerate(indices):
+            msrs.entries[i].index = idx
+        n = _check("KVM_GET_MSRS", ioctl(self.fd, uapi.KVM_GET_MSRS, msrs))
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """KVM_SET_MSRS: how many MSRs KVM accepted (it stops at the first refused one)."""
+        buf = ffi.new("char[]", 8 + 16 * len(values))
+        msrs = ffi.cast("struct kvm_msrs *", buf)
+        msrs.nmsrs = len(values)
+        for i, (idx, data) in enumerate(values.items()):
+            msrs.entries[i].index, msrs.entries[i].data = idx, data
+        return _check("KVM_SET_MSRS", ioctl(self.fd, uapi.KVM_SET_MSRS, msrs))
+
+    def set_cpuid_raw(self, entries: list[dict]) -> tuple[int, int]:
+        buf = ffi.new("char[]", 8 + 40 * len(entries))
+        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+        cpuid.nent = len(entries)
+        for i, e in enumerate(entries):
+            for k in CPUID_FIELDS:
+                setattr(cpuid.entries[i], k, e.get(k, 0))
+        return ioctl(self.fd, uapi.KVM_SET_CPUID2, cpuid)
+
+    def set_cpuid(self, entries: list[dict]) -> None:
+        _check("KVM_SET_CPUID2", self.set_cpuid_raw(entries))
+
+    def get_cpuid(self) -> list[dict]:
+        return _get_cpuid2(self.fd, uapi.KVM_GET_CPUID2, "KVM_GET_CPUID2")[0]
+
+    def supported_hv_cpuid(self) -> tuple[list[dict], int]:
+        """KVM_GET_SUPPORTED_HV_CPUID on the vCPU fd: (entries, errno)."""
+        return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_HV_CPUID, None)
+
+    def enable_cap(self, cap: int, *args: int) -> tuple[int, int]:
+        return ioctl(self.fd, uapi.KVM_ENABLE_CAP, _enable_cap(cap, args))

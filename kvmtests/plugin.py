@@ -1,0 +1,203 @@
+"""pytest plugin: catalog markers, skips from missing preconditions, kernel health, gating, summary."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from . import features, health, probe
+from . import report as results
+from .kvm import Kvm, Unavailable
+
+REQUIRE_ENV = "KVMTESTS_REQUIRE"
+_results = pytest.StashKey[dict]()
+_device_skip = pytest.StashKey[str]()
+_doc = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kvmtests")
+    group.addoption("--require", default=os.environ.get(REQUIRE_ENV, ""), metavar="GROUPS",
+                    help=f"feature groups the kernel must carry: '{features.SERIES}' or any of "
+                         f"{', '.join(features.GROUPS)} (comma separated; env {REQUIRE_ENV})")
+    group.addoption("--kvmtests-json", default=None, metavar="PATH", help="write the run's results as JSON")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in ["catalog(*numbers): catalog assertions (vsm-v1-uapi.md section 4) the test checks",
+                 "group(key): count the test under this feature group only",
+                 "nokvm: the test needs no /dev/kvm",
+                 "runner: qualification-runner test (needs neither QEMU nor /dev/kvm)",
+                 "slow: endurance test, opt-in with -m slow"]:
+        config.addinivalue_line("markers", line)
+    try:
+        config.stash[_results] = {"required": features.parse_required(config.getoption("require"))}
+    except ValueError as e:
+        raise pytest.UsageError(str(e))
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    for item in items:
+        numbers = sorted({n for m in item.iter_markers("catalog") for n in m.args})
+        bad = [n for n in numbers if n not in features.CATALOG]
+        if bad:
+            raise pytest.UsageError(f"{item.nodeid}: catalog numbers {bad} are not in the catalog (1-138)")
+        pinned = [m.args[0] for m in item.iter_markers("group")]
+        item.user_properties.append(("catalog", numbers))
+        item.user_properties.append(("groups", pinned or features.groups_of(numbers)))
+    try:
+        Kvm().close()
+    except Unavailable as e:
+        config.stash[_device_skip] = str(e)
+
+
+def _needs_kvm(item: pytest.Item) -> bool:
+    return item.get_closest_marker("nokvm") is None and item.get_closest_marker("runner") is None
+
+
+def _kvm_fds() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "kvm" in target:
+            out.add(f"fd {fd} -> {target}")
+    return out
+
+
+_watch = pytest.StashKey[tuple[health.Watch, set[str]]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> object:
+    if _needs_kvm(item):
+        item.stash[_watch] = (health.Watch(), _kvm_fds())
+    reason = item.config.stash.get(_device_skip, None)
+    if reason and _needs_kvm(item):
+        raise Unavailable(reason)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> object:
+    """After the test's own fixtures are gone: no new taint, no WARN/BUG, no KVM fd left open."""
+    result = yield
+    watch, fds = item.stash.get(_watch, (None, set()))
+    if watch is None:
+        return result
+    problems = watch.problems()
+    watch.close()
+    leaked = sorted(_kvm_fds() - fds)
+    if leaked:
+        problems.append(f"test leaked KVM file descriptors: {', '.join(leaked)}")
+    if problems:
+        raise AssertionError("kernel health / resource check failed:\n" + "\n".join(problems))
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    rep = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(Unavailable):
+        reason = str(call.excinfo.value)
+        where = item.config.stash.get(_device_skip, None) == reason
+        path, line = (Path(item.config.rootpath, "kvmtests/kvm.py"), 0) if where else (item.path, item.location[1])
+        rep.outcome = "skipped"
+        rep.longrepr = (str(path), (line or 0) + 1, f"Skipped: {reason}")
+    return rep
+
+
+_tests: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Fold each phase report into one outcome per test (in the controller under xdist)."""
+    props = dict(report.user_properties)
+    entry = _tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": None, "message": "",
+                                           "catalog": props.get("catalog", []),
+                                           "groups": props.get("groups", []), "duration": 0.0})
+    new = results.outcome_of(report.when, report.outcome, hasattr(report, "wasxfail"))
+    merged = results.merge(entry["outcome"], new)
+    if merged != entry["outcome"]:
+        entry["outcome"] = merged
+        entry["message"] = _message(report)
+    entry["duration"] = round(entry["duration"] + report.duration, 4)
+
+
+def _message(rep: pytest.TestReport) -> str:
+    if rep.outcome == "skipped" and isinstance(rep.longrepr, tuple):
+        return rep.longrepr[2].removeprefix("Skipped: ")
+    if hasattr(rep, "wasxfail"):
+        return rep.wasxfail
+    if rep.failed:
+        text = rep.longreprtext.strip().splitlines()
+        errors = [line for line in text if line.startswith("E ")]
+        return "\n".join(errors[:12]) or (text[-1] if text else "")
+    return ""
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if _is_worker(config):
+        return
+    tests = [t for t in _tests.values() if t["outcome"]]
+    detections = features.detect_all()
+    required = config.stash[_results]["required"]
+    doc = results.build(probe.host_identity(), detections, features.partial_backport(detections),
+                       sorted(required), tests, int(exitstatus))
+    if results.required_absent(doc) and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        doc["exitstatus"] = int(session.exitstatus)
+    config.stash[_doc] = doc
+    path = config.getoption("kvmtests_json")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=1))
+
+
+def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> None:
+    doc = config.stash.get(_doc, None)
+    if doc is None:
+        return
+    terminalreporter.section("kvmtests summary")
+    terminalreporter.line(results.render(doc))
+
+
+class Series:
+    """Which expectation a test checks: the series' (patched) or upstream's, per feature group."""
+
+    def __init__(self, required: set[str]):
+        self.required = required
+
+    def detection(self, group: str) -> features.Detection:
+        return features.detect(group)
+
+    def patched(self, group: str) -> bool:
+        """True: check the patched expectation; False: the upstream one. Unknown skips; gating fails."""
+        det = features.detect(group)
+        if det.state == features.PRESENT:
+            return True
+        if group in self.required:
+            pytest.fail(f"required feature group {group} is {det.state}: {det.how}", pytrace=False)
+        if det.state == features.UNKNOWN:
+            raise Unavailable(f"cannot tell whether the kernel carries {group}: {det.how}")
+        return False
+
+    def require(self, group: str) -> None:
+        """For rows with no upstream expectation (U: -): skip unless the group is present."""
+        if not self.patched(group):
+            raise Unavailable(f"kernel does not carry {features.GROUPS[group].title} "
+                              f"({features.GROUPS[group].patches}); the row has no upstream expectation")
+
+
+@pytest.fixture(scope="session")
+def series(request: pytest.FixtureRequest) -> Series:
+    return Series(request.config.stash[_results]["required"])

@@ -1,0 +1,113 @@
+"""Host identity and capability table (`kvmtests probe`, and the summary's header)."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from . import features, uapi
+from .kvm import Kvm, Unavailable
+
+VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
+TDP_PARAMS = {"kvm_intel": "ept", "kvm_amd": "npt"}
+
+CAPS = [
+    ("KVM_CAP_HYPERV", uapi.KVM_CAP_HYPERV),
+    ("KVM_CAP_SYS_HYPERV_CPUID", uapi.KVM_CAP_SYS_HYPERV_CPUID),
+    ("KVM_CAP_HYPERV_ENFORCE_CPUID", uapi.KVM_CAP_HYPERV_ENFORCE_CPUID),
+    ("KVM_CAP_X86_USER_SPACE_MSR", uapi.KVM_CAP_X86_USER_SPACE_MSR),
+    ("KVM_CAP_SIGNAL_MSI", uapi.KVM_CAP_SIGNAL_MSI),
+    ("KVM_CAP_MEMORY_FAULT_INFO", uapi.KVM_CAP_MEMORY_FAULT_INFO),
+    ("KVM_CAP_MEMORY_ATTRIBUTES", uapi.KVM_CAP_MEMORY_ATTRIBUTES),
+    ("KVM_CAP_GUEST_MEMFD", uapi.KVM_CAP_GUEST_MEMFD),
+    ("KVM_CAP_VM_TYPES", uapi.KVM_CAP_VM_TYPES),
+    ("236 (series: FAULT_EXIT_INSN_LEN; v6.11+: PRE_FAULT_MEMORY)", 236),
+]
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def vendor_module() -> str:
+    loaded = [m for m in VENDOR_MODULES if os.path.isdir(f"/sys/module/{m}")]
+    return ", ".join(loaded) or "none loaded"
+
+
+def tdp() -> str:
+    """TDP (EPT/NPT) as the vendor module reports it."""
+    for module, param in TDP_PARAMS.items():
+        value = _read(f"/sys/module/{module}/parameters/{param}")
+        if value is not None:
+            return f"{'on' if value in ('Y', '1') else 'off'} ({module}.{param}={value})"
+    return f"unknown ({vendor_module()} has no ept/npt parameter)"
+
+
+def environment() -> str:
+    """Bare metal, or under which hypervisor (QEMU TCG/KVM as the qualification runner says)."""
+    accel = os.environ.get("KVMTESTS_ACCEL")
+    cmdline = _read("/proc/cmdline") or ""
+    for word in cmdline.split():
+        if word.startswith("kvmtests.accel="):
+            accel = word.split("=", 1)[1]
+    if accel:
+        return f"QEMU/{accel.upper()} (kvmtests qualify)"
+    cpuinfo = _read("/proc/cpuinfo") or ""
+    if " hypervisor" not in cpuinfo:
+        return "bare metal"
+    vendor = _read("/sys/class/dmi/id/sys_vendor")
+    return f"virtual machine ({vendor})" if vendor else "virtual machine"
+
+
+def cpu_vendor() -> str:
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def host_identity() -> dict[str, str]:
+    return {
+        "kernel": platform.release(),
+        "kvm device": os.environ.get("KVMTESTS_DEV", "/dev/kvm"),
+        "cpu vendor": cpu_vendor(),
+        "vendor module": vendor_module(),
+        "tdp": tdp(),
+        "environment": environment(),
+    }
+
+
+def capabilities() -> list[tuple[str, int, str, str]]:
+    """(name, number, value on /dev/kvm, value on a default VM fd)."""
+    rows = []
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        for name, cap in CAPS:
+            rows.append((name, cap, hex(kvm.check_extension(cap)), hex(vm.check_extension(cap))))
+    return rows
+
+
+def probe_tables() -> list[tuple[str, list[list[str]], list[str]]]:
+    """The probe output as (title, rows, headers) tables."""
+    tables: list[tuple[str, list[list[str]], list[str]]] = [
+        ("host", [[k, v] for k, v in host_identity().items()], ["", ""])]
+    try:
+        tables.append(("capabilities", [list(map(str, r)) for r in capabilities()],
+                       ["capability", "number", "/dev/kvm", "default VM"]))
+    except Unavailable as e:
+        tables.append(("capabilities", [[str(e)]], ["unavailable"]))
+        return tables
+    detections = features.detect_all()
+    tables.append(("feature groups (spec section 2)",
+                   [[g.key, g.patches, detections[g.key].state, detections[g.key].how]
+                    for g in features.GROUPS.values()], ["group", "patches", "state", "detected by"]))
+    bits = features.advertised_hv_bits()
+    if bits:
+        tables.append(("KVM_GET_SUPPORTED_HV_CPUID (vCPU)", [[k, "set" if v else "clear"] for k, v in bits.items()],
+                       ["bit", "value"]))
+    findings = features.partial_backport(detections)
+    if findings:
+        tables.append(("partial backport", [[f] for f in findings], ["finding"]))
+    return tables

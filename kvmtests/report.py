@@ -1,0 +1,102 @@
+"""Results: the JSON document of a run and the end-of-run summary rendered from it."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from tabulate import tabulate
+
+from . import features
+
+FORMAT_VERSION = 1
+OUTCOMES = ("passed", "failed", "skipped", "known-deviation", "error")
+CORE = "core"
+
+
+def outcome_of(when: str, outcome: str, wasxfail: bool) -> str | None:
+    """One word per test from pytest's phase reports; None for phases that say nothing new."""
+    if wasxfail and outcome == "skipped":
+        return "known-deviation"
+    if outcome == "failed":
+        return "failed" if when == "call" else "error"
+    if outcome == "skipped":
+        return "skipped"
+    if when == "call":
+        return "passed"
+    return None
+
+
+def merge(previous: str | None, new: str | None) -> str | None:
+    """A test's outcome across phases: the worst wins (a teardown error spoils a pass)."""
+    order = {None: -1, "passed": 0, "skipped": 1, "known-deviation": 1, "error": 2, "failed": 3}
+    return new if order[new] > order[previous] else previous
+
+
+def coverage(tests: list[dict]) -> dict[str, list[int]]:
+    covered = sorted({n for t in tests for n in t["catalog"]})
+    return {"covered": covered, "missing": sorted(features.CATALOG - set(covered))}
+
+
+def build(host: dict, detections: dict, findings: list[str], required: list[str], tests: list[dict],
+          exitstatus: int) -> dict:
+    """The run as one JSON-ready document."""
+    return {
+        "format": FORMAT_VERSION,
+        "host": host,
+        "features": {k: {"state": d.state, "how": d.how} for k, d in detections.items()},
+        "findings": findings,
+        "required": sorted(required),
+        "tests": sorted(tests, key=lambda t: t["nodeid"]),
+        "coverage": coverage(tests),
+        "exitstatus": exitstatus,
+    }
+
+
+def required_absent(doc: dict) -> list[str]:
+    """One line per required group that the kernel does not carry."""
+    return [f"required feature group {g} ({features.GROUPS[g].title}) is {doc['features'][g]['state']}: "
+            f"{doc['features'][g]['how']}" for g in doc["required"] if doc["features"][g]["state"] != "present"]
+
+
+def _ranges(numbers: list[int]) -> str:
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def render(doc: dict) -> str:
+    """The summary table printed after pytest's own output."""
+    parts = [tabulate(list(doc["host"].items()), tablefmt="plain")]
+    counts: dict[str, Counter] = {}
+    for t in doc["tests"]:
+        for g in t["groups"] or [CORE]:
+            counts.setdefault(g, Counter())[t["outcome"]] += 1
+    rows = []
+    for key, group in features.GROUPS.items():
+        det = doc["features"].get(key, {"state": "-", "how": ""})
+        c = counts.get(key, Counter())
+        req = " (required)" if key in doc["required"] else ""
+        rows.append([key, group.patches, det["state"] + req, *(c[o] for o in OUTCOMES), det["how"]])
+    c = counts.get(CORE, Counter())
+    rows.append([CORE, "upstream", "-", *(c[o] for o in OUTCOMES), "layouts, lifecycle, exits, probes"])
+    parts.append(tabulate(rows, headers=["group", "patches", "detected", "pass", "fail", "skip",
+                                         "known-dev", "error", "detected by"], tablefmt="simple"))
+    for line in doc["findings"]:
+        parts.append(f"finding: {line}")
+    for line in required_absent(doc):
+        parts.append(f"FAILED {line}")
+    cov = doc["coverage"]
+    parts.append(f"catalog coverage: {len(cov['covered'])}/{len(features.CATALOG)} numbers have a test; "
+                 f"without a test: {_ranges(cov['missing'])}")
+    return "\n\n".join(parts)
+
+
+def render_file(path: str | Path) -> str:
+    """Re-render the summary of a saved run."""
+    return render(json.loads(Path(path).read_text()))

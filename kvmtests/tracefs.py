@@ -1,0 +1,93 @@
+"""tracefs access through a private instance, so that parallel tests and the host's tracing never mix."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from typing import Iterator
+
+SET_ATTRS_EVENT = "kvm/kvm_vm_set_mem_attributes"
+FAULTIN_EVENT = "kvmmmu/kvm_mem_attributes_faultin_access_prots"
+_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+_counter = itertools.count()
+
+
+def root() -> str | None:
+    """The mounted tracefs (mounting it at /sys/kernel/tracing if needed), or None."""
+    for path in _ROOTS:
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    if os.path.isdir(_ROOTS[0]) and os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tracefs", "nodev", _ROOTS[0]], capture_output=True)
+        if os.path.isdir(os.path.join(_ROOTS[0], "events")):
+            return _ROOTS[0]
+    return None
+
+
+def event_format(event: str) -> str | None:
+    """The `format` file of an event, or None where the kernel has no such event."""
+    base = root()
+    path = os.path.join(base or "", "events", event, "format")
+    if base is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
+def format_fields(text: str) -> dict[str, tuple[str, int, int]]:
+    """Fields of a format file: name -> (C declaration, offset, size)."""
+    fields = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:"):
+            continue
+        parts = dict(p.strip().split(":", 1) for p in line.rstrip(";").split(";") if ":" in p)
+        decl = parts["field"].strip()
+        name = decl.split()[-1].split("[")[0]
+        fields[name] = (decl, int(parts["offset"]), int(parts["size"]))
+    return fields
+
+
+class Instance:
+    """A private tracefs instance with some events enabled; removed (tracing off) on exit."""
+
+    def __init__(self, events: list[str]):
+        base = root()
+        if base is None:
+            raise FileNotFoundError("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
+        self.path = os.path.join(base, "instances", f"kvmtests-{os.getpid()}-{next(_counter)}")
+        self.events = events
+
+    def __enter__(self) -> "Instance":
+        os.mkdir(self.path)
+        try:
+            for event in self.events:
+                self._write(os.path.join("events", event, "enable"), "1")
+            self._write("tracing_on", "1")
+        except OSError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if os.path.isdir(self.path):
+            for event in self.events:
+                try:
+                    self._write(os.path.join("events", event, "enable"), "0")
+                except OSError:
+                    pass
+            os.rmdir(self.path)
+
+    def _write(self, rel: str, value: str) -> None:
+        with open(os.path.join(self.path, rel), "w") as f:
+            f.write(value)
+
+    def lines(self) -> Iterator[str]:
+        """Trace lines recorded so far (comments skipped)."""
+        with open(os.path.join(self.path, "trace")) as f:
+            for line in f:
+                if not line.startswith("#"):
+                    yield line.rstrip("\n")
+
+    def clear(self) -> None:
+        self._write("trace", "")

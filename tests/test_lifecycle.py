@@ -1,0 +1,71 @@
+"""VM and vCPU lifecycle: creation, errors, and every fd and mapping released."""
+import errno
+import os
+
+import pytest
+
+from kvmtests import guest, uapi
+from kvmtests.kvm import Kvm
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_api_version(kvm):
+    assert uapi.ioctl(kvm.fd, uapi.KVM_GET_API_VERSION) == (12, 0)
+
+
+def test_vm_with_vcpus_releases_every_fd_and_mapping():
+    before_fds, before_maps = open_fds(), mappings()
+    for _ in range(3):
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            guest.build(vm, guest.load_payload("basic"), vcpus=2)
+            assert len(vm.vcpus) == 2
+    assert open_fds() == before_fds
+    assert mappings() == before_maps
+
+
+def test_unknown_vm_type_is_einval(kvm):
+    ret, err = kvm.create_vm_raw(0x7F)
+    assert (ret, err) == (-1, errno.EINVAL), f"KVM_CREATE_VM(0x7f): {ret}, {uapi.errno_name(err)}"
+
+
+def test_duplicate_vcpu_id_is_eexist(vm):
+    vm.create_vcpu(0)
+    ret, err = vm.create_vcpu_raw(0)
+    assert (ret, err) == (-1, errno.EEXIST), f"second KVM_CREATE_VCPU(0): {ret}, {uapi.errno_name(err)}"
+
+
+def test_vcpu_mmap_size_holds_kvm_run(kvm):
+    assert kvm.vcpu_mmap_size() >= uapi.ffi.sizeof("struct kvm_run")
+
+
+def test_memslot_delete_and_readd(vm):
+    region = vm.add_region(1, 0x1000000, 0x200000)
+    vm.remove_region(region)
+    vm.add_region(1, 0x1000000, 0x200000)
+
+
+def test_overlapping_memslot_is_eexist(vm):
+    vm.add_region(1, 0x1000000, 0x200000)
+    region = vm.regions[0]
+    ret, err = vm.set_user_memory_region_raw(2, 0x1100000, 0x200000, region.hva)
+    assert (ret, err) == (-1, errno.EEXIST), f"overlapping slot: {ret}, {uapi.errno_name(err)}"
+
+
+def test_watchdog_bounds_a_guest_that_never_exits(vm):
+    """A guest spinning in `jmp .` must come back as a timeout outcome naming RIP, never a hang."""
+    m = guest.build(vm, guest.load_payload("basic"), entry="spin")
+    ex = m.vcpu.run(timeout=0.5)
+    assert ex.timed_out, f"expected a watchdog timeout, got {m.describe()}"
+    assert ex.errno == errno.EINTR
+    text = m.describe()
+    assert f"RIP {m.sym('spin'):#x}" in text and "watchdog timeout" in text, text
+    ex = m.vcpu.run(timeout=0.2)
+    assert ex.timed_out, "a second bounded run after a timeout must behave the same"
