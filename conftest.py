@@ -1,1 +1,1 @@
-pytest_plugins = ["kvmtests.plugin"]
+pytest_plugins = ["kvmtests.plugin", "pytester"]

@@ -17,14 +17,21 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import render_file
+    import json
+
+    from . import report
     try:
-        print(render_file(args.file))
+        doc = report.load(args.file)
     except (OSError, ValueError, KeyError) as e:
         print(f"kvmtests report: cannot read {args.file}: {e}; pass a file written by --kvmtests-json",
               file=sys.stderr)
         return 2
-    return 0
+    print(report.render(doc))
+    if args.kcidb:
+        with open(args.kcidb, "w") as f:
+            json.dump(report.kcidb(doc), f, indent=1)
+        print(f"KCIDB data written to {args.kcidb}")
+    return 1 if doc["exitstatus"] else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
         func=_probe)
     rp = sub.add_parser("report", help="re-render the summary of a saved run (--kvmtests-json file)")
     rp.add_argument("file")
+    rp.add_argument("--kcidb", metavar="OUT", help="also write the run as KernelCI KCIDB JSON")
     rp.set_defaults(func=_report)
     for module in ("qualify", "kernels"):
         try:

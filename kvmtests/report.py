@@ -1,7 +1,9 @@
 """Results: the JSON document of a run and the end-of-run summary rendered from it."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -97,6 +99,53 @@ def render(doc: dict) -> str:
     return "\n\n".join(parts)
 
 
+def load(path: str | Path) -> dict:
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+        raise ValueError(f"not a kvmtests results file (format {FORMAT_VERSION})")
+    return doc
+
+
 def render_file(path: str | Path) -> str:
     """Re-render the summary of a saved run."""
-    return render(json.loads(Path(path).read_text()))
+    return render(load(path))
+
+
+KCIDB_ORIGIN = "kvmtests"
+KCIDB_STATUS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",
+                "known-deviation": "FAIL"}
+
+
+def kcidb_path(nodeid: str) -> str:
+    """A KCIDB test path (dot-separated [A-Za-z0-9_-] words) from a pytest node id."""
+    words = re.split(r"::|/|\[|\]|\.py", nodeid)
+    clean = [re.sub(r"[^A-Za-z0-9_-]+", "_", w).strip("_") for w in words]
+    return ".".join([KCIDB_ORIGIN] + [w for w in clean if w and w != "tests"])
+
+
+def kcidb(doc: dict) -> dict:
+    """The run as KernelCI KCIDB I/O data: one checkout and build for the kernel, one test per item."""
+    kernel = doc["host"].get("kernel", "unknown")
+    run_id = hashlib.sha256(json.dumps(doc["host"], sort_keys=True).encode()).hexdigest()[:16]
+    checkout_id = f"{KCIDB_ORIGIN}:{run_id}"
+    build_id = f"{KCIDB_ORIGIN}:{run_id}-build"
+    tests = []
+    for t in doc["tests"]:
+        known = t["outcome"] == "known-deviation"
+        tests.append({
+            "id": f"{KCIDB_ORIGIN}:{run_id}-{hashlib.sha256(t['nodeid'].encode()).hexdigest()[:16]}",
+            "build_id": build_id, "origin": KCIDB_ORIGIN, "path": kcidb_path(t["nodeid"]),
+            "status": KCIDB_STATUS[t["outcome"]], "duration": t["duration"],
+            "comment": ("known deviation (catalog warning item): " if known else "") + t["message"][:1000],
+            "environment": {"comment": ", ".join(f"{k}: {v}" for k, v in doc["host"].items())},
+            "misc": {"nodeid": t["nodeid"], "catalog": t["catalog"], "groups": t["groups"],
+                     "known_deviation": known},
+        })
+    return {
+        "version": {"major": 5, "minor": 3},
+        "checkouts": [{"id": checkout_id, "origin": KCIDB_ORIGIN, "comment": f"kernel {kernel}", "valid": True,
+                       "misc": {"features": doc["features"], "findings": doc["findings"]}}],
+        "builds": [{"id": build_id, "checkout_id": checkout_id, "origin": KCIDB_ORIGIN,
+                    "architecture": "x86_64", "config_name": kernel, "status": "PASS"}],
+        "tests": tests,
+    }

@@ -1,0 +1,115 @@
+"""The reporting layer without /dev/kvm: summary and KCIDB from a saved run, gating, the pytest plugin."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import kcidb_io
+import pytest
+
+from kvmtests import features, report
+from kvmtests.features import Detection
+
+pytestmark = pytest.mark.nokvm
+GOLDEN = Path(__file__).parent / "golden"
+HOST = {"kernel": "6.12.0-test", "kvm device": "/dev/kvm", "cpu vendor": "AuthenticAMD",
+        "vendor module": "kvm_amd", "tdp": "on (kvm_amd.npt=Y)", "environment": "QEMU/TCG (kvmtests qualify)"}
+
+
+def sample_doc(required: list[str] = ()) -> dict:
+    detections = {k: Detection(k, features.ABSENT, f"probe for {k}") for k in features.GROUPS}
+    detections["rwx_attributes"] = Detection("rwx_attributes", features.PRESENT, "NW accepted")
+    detections["vtl_ipi"] = Detection("vtl_ipi", features.UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
+    tests = [
+        {"nodeid": "tests/test_a.py::test_nw[16]", "outcome": "passed", "message": "", "catalog": [16],
+         "groups": ["rwx_attributes"], "duration": 0.01},
+        {"nodeid": "tests/test_a.py::test_wr", "outcome": "known-deviation", "message": "v1 keeps a writable SPTE",
+         "catalog": [43], "groups": ["rwx_attributes"], "duration": 0.02},
+        {"nodeid": "tests/test_b.py::test_hc[0x50]", "outcome": "failed", "message": "E catalog 80: RAX 0x2",
+         "catalog": [80, 81], "groups": ["hv_exits", "vsm_hcalls"], "duration": 0.5},
+        {"nodeid": "tests/test_c.py::test_layout", "outcome": "passed", "message": "", "catalog": [],
+         "groups": [], "duration": 0.0},
+        {"nodeid": "tests/test_d.py::test_ipi", "outcome": "skipped", "message": "kernel lacks KVM_CAP_HYPERV",
+         "catalog": [111], "groups": ["vtl_ipi"], "duration": 0.0},
+    ]
+    return report.build(HOST, detections, ["partial series: present rwx_attributes"], list(required), tests, 1)
+
+
+def test_summary_matches_golden_file():
+    assert report.render(sample_doc()) == (GOLDEN / "summary.txt").read_text().rstrip("\n")
+
+
+def test_coverage_lists_numbers_without_a_test():
+    cov = sample_doc()["coverage"]
+    assert cov["covered"] == [16, 43, 80, 81, 111]
+    assert len(cov["missing"]) == 138 - 5 and 1 in cov["missing"]
+
+
+def test_gating_names_each_absent_required_group():
+    doc = sample_doc(required=sorted(features.GROUPS))
+    lines = report.required_absent(doc)
+    assert len(lines) == len(features.GROUPS) - 1, "every group but the present one"
+    assert any(line.startswith("required feature group vtl_ipi") for line in lines)
+    assert "FAILED required feature group hv_exits" in report.render(doc)
+
+
+def test_kcidb_export_validates_against_the_schema():
+    data = report.kcidb(sample_doc())
+    kcidb_io.schema.LATEST.validate(data)
+    statuses = {t["misc"]["nodeid"]: t["status"] for t in data["tests"]}
+    assert statuses["tests/test_a.py::test_nw[16]"] == "PASS"
+    assert statuses["tests/test_b.py::test_hc[0x50]"] == "FAIL"
+    assert statuses["tests/test_d.py::test_ipi"] == "SKIP"
+    assert report.kcidb_path("tests/test_b.py::test_hc[0x50]") == "kvmtests.test_b.test_hc.0x50"
+
+
+def test_report_command_rerenders_a_saved_run(tmp_path):
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(sample_doc()))
+    out = subprocess.run([sys.executable, "-m", "kvmtests.cli", "report", str(saved), "--kcidb",
+                          str(tmp_path / "k.json")], capture_output=True, text=True)
+    assert out.returncode == 1, "the saved run failed, so does its re-rendering"
+    assert (GOLDEN / "summary.txt").read_text().rstrip("\n") in out.stdout
+    kcidb_io.schema.LATEST.validate(json.loads((tmp_path / "k.json").read_text()))
+
+
+def test_report_command_on_a_bad_file_says_what_to_do(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "kvmtests.cli", "report", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "--kvmtests-json" in out.stderr and "Traceback" not in out.stderr
+
+
+PLUGIN_TEST = '''
+import pytest
+
+@pytest.mark.catalog(16)
+def test_needs_kvm():
+    pass
+
+@pytest.mark.nokvm
+@pytest.mark.catalog(1)
+def test_layout():
+    pass
+'''
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_plugin_without_kvm_device_gates_and_summarises(pytester, workers):
+    """No /dev/kvm: one skip reason; --require series fails with one line per group; JSON written."""
+    pytester.makepyfile(test_sample=PLUGIN_TEST)
+    pytester.makeconftest("pytest_plugins = ['kvmtests.plugin']")
+    env_dev = "/nonexistent-kvm"
+    pytester._monkeypatch.setenv("KVMTESTS_DEV", env_dev)
+    result = pytester.runpytest_subprocess("-n", workers, "-rs", "--require", "series",
+                                           "--kvmtests-json", "out.json", "-p", "no:cacheprovider")
+    assert result.ret == 1
+    text = result.stdout.str()
+    assert text.count(f"{env_dev} does not exist") >= 1
+    assert sum(1 for line in text.splitlines() if line.startswith("FAILED required feature group")) == \
+        len(features.GROUPS)
+    doc = json.loads((pytester.path / "out.json").read_text())
+    outcomes = {t["nodeid"].split("::")[1]: t["outcome"] for t in doc["tests"]}
+    assert outcomes == {"test_needs_kvm": "skipped", "test_layout": "passed"}
+    assert doc["coverage"]["covered"] == [1, 16]
