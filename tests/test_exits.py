@@ -87,3 +87,23 @@ def test_ud_is_reported_by_the_guest_handler(basic, entry, cpl):
     m.set_resume(m.sym("ud_resume"))
     m.run_until(guest.UCALL_DONE)
     assert m.vcpu.get_sregs().cs.dpl == cpl
+
+
+def test_32bit_protected_mode_guest_runs(vm):
+    """The 32-bit builder: flat segments, CPL0, stack at STACK_TOP, port I/O and ucalls work."""
+    m = guest.build(vm, guest.load_payload("basic32", bits=32), bits=32)
+    io = expect_exit(m, uapi.KVM_EXIT_IO).x.io
+    assert (io.direction, io.port, io.size) == (uapi.KVM_EXIT_IO_OUT, PIO_PORT, 4)
+    assert int.from_bytes(io_data(m)[:], "little") == 0xA1B2C3D4
+    assert m.run_until(guest.UCALL_SYNC).args[1] == guest.STACK_TOP
+    m.run_until(guest.UCALL_DONE)
+    sregs = m.vcpu.get_sregs()
+    assert (sregs.cs.db, sregs.cs.l, sregs.efer & guest.EFER_LMA) == (1, 0, 0), "must be 32-bit protected mode"
+
+
+def test_32bit_ud_is_reported_by_the_guest_handler(vm):
+    m = guest.build(vm, guest.load_payload("basic32", bits=32), entry="ud", bits=32)
+    uc = m.run_until(guest.UCALL_EXCEPTION)
+    assert uc.args[0] == guest.UD_VECTOR and uc.args[2] == m.sym("ud"), str(uc)
+    m.set_resume(m.sym("ud_resume"))
+    m.run_until(guest.UCALL_DONE)
