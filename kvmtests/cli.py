@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("file")
     rp.add_argument("--kcidb", metavar="OUT", help="also write the run as KernelCI KCIDB JSON")
     rp.set_defaults(func=_report)
+    from . import bench
+    bench.register(sub)
     for module in ("qualify", "kernels"):
         try:
             __import__(f"kvmtests.{module}")

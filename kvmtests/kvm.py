@@ -8,7 +8,7 @@ from typing import Iterable
 
 from . import uapi
 from .uapi import ffi, ioctl
-from .watchdog import Watchdog
+from .watchdog import watcher
 
 DEV_KVM_ENV = "KVMTESTS_DEV"
 
@@ -265,6 +265,11 @@ class RunTimeout(AssertionError):
     """KVM_RUN did not return before the watchdog fired."""
 
 
+_PTR_TYPES = {name: ffi.typeof(name + " *") for name in (
+    "struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xsave", "struct kvm_lapic_state",
+    "struct kvm_vcpu_events")}
+
+
 class Vcpu:
     """A vCPU fd with its mmap'd kvm_run."""
 
@@ -298,16 +303,18 @@ class Vcpu:
         ffi.buffer(ffi.cast("char *", self._map) + offset, len(data))[:] = data
 
     def run(self, timeout: float = 5.0) -> Exit:
-        """One KVM_RUN bounded by a watchdog; a timeout shows as Exit.timed_out."""
-        self.run_struct.immediate_exit = 0
-        with Watchdog(self, timeout) as dog:
-            ret, err = ioctl(self.fd, uapi.KVM_RUN)
-        self.run_struct.immediate_exit = 0
-        self.last_exit = Exit(ret, err, self.run_struct.exit_reason, dog.fired and err == errno.EINTR)
+        """One KVM_RUN bounded by the watchdog; a timeout shows as Exit.timed_out."""
+        run = self.run_struct
+        token = watcher.arm(run, timeout)
+        ret, err = ioctl(self.fd, uapi.KVM_RUN)
+        fired = watcher.disarm(token)
+        if fired:
+            run.immediate_exit = 0
+        self.last_exit = Exit(ret, err, run.exit_reason, fired and err == errno.EINTR)
         return self.last_exit
 
     def _get(self, request: int, ctype: str, what: str) -> object:
-        obj = ffi.new(ctype + " *")
+        obj = ffi.new(_PTR_TYPES[ctype])
         _check(what, ioctl(self.fd, request, obj))
         return obj
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"feature groups the kernel must carry: '{features.SERIES}' or any of "
                          f"{', '.join(features.GROUPS)} (comma separated; env {REQUIRE_ENV})")
     group.addoption("--kvmtests-json", default=None, metavar="PATH", help="write the run's results as JSON")
+    group.addoption("--shuffle", type=int, default=None, metavar="SEED",
+                    help="run the tests in a random order drawn from SEED (the same in every xdist worker)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,6 +46,14 @@ def _is_worker(config: pytest.Config) -> bool:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    if not config.getoption("markexpr"):
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    seed = config.getoption("shuffle")
+    if seed is not None:
+        random.Random(seed).shuffle(items)
     for item in items:
         numbers = sorted({n for m in item.iter_markers("catalog") for n in m.args})
         bad = [n for n in numbers if n not in features.CATALOG]

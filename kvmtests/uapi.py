@@ -380,7 +380,10 @@ KVM_MSR_FILTER_DEFAULT_DENY = 1 << 0
 KVM_MAX_CPUID_ENTRIES = 256
 
 
-def ioctl(fd: int, request: int, arg: object = 0) -> tuple[int, int]:
+_ZERO = ffi.cast("unsigned long", 0)
+
+
+def ioctl(fd: int, request: int, arg: object = _ZERO) -> tuple[int, int]:
     """One ioctl, never retried: (return value, errno); errno is 0 on success."""
     if not isinstance(arg, ffi.CData):
         arg = ffi.cast("unsigned long", arg)

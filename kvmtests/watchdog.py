@@ -27,14 +27,14 @@ if threading.current_thread() is threading.main_thread():
 
 
 class _Armed:
-    __slots__ = ("deadline", "vcpu", "thread", "fired")
+    __slots__ = ("deadline", "run", "thread", "fired")
 
-    def __init__(self, deadline: float, vcpu: Any, thread: int):
-        self.deadline, self.vcpu, self.thread, self.fired = deadline, vcpu, thread, False
+    def __init__(self, deadline: float, run: Any, thread: int):
+        self.deadline, self.run, self.thread, self.fired = deadline, run, thread, False
 
 
-class _Watcher:
-    """Polls armed deadlines every TICK: arming costs a dict insert, not a thread or a wake-up."""
+class Watcher:
+    """Polls armed deadlines every TICK, so arming a KVM_RUN costs a dict insert, not a thread or a wake-up."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -42,11 +42,16 @@ class _Watcher:
         self.tokens = itertools.count()
         self.thread: threading.Thread | None = None
 
-    def arm(self, vcpu: Any, timeout: float) -> int:
+    def arm(self, run: Any, timeout: float) -> int:
+        """Watch one KVM_RUN on this thread; `run` is its struct kvm_run (immediate_exit is set on expiry)."""
         token = next(self.tokens)
+        armed = _Armed(time.monotonic() + timeout, run, threading.get_ident())
         with self.lock:
-            self.armed[token] = _Armed(time.monotonic() + timeout, vcpu, threading.get_ident())
+            self.armed[token] = armed
             if self.thread is None:
+                if signal.getsignal(KICK_SIGNAL) is not _ignore:
+                    raise RuntimeError("kvmtests.watchdog: kick handler not installed (import kvmtests on the "
+                                       "main thread)")
                 self.thread = threading.Thread(target=self._loop, name="kvmtests-watchdog", daemon=True)
                 self.thread.start()
         return token
@@ -61,28 +66,11 @@ class _Watcher:
             time.sleep(TICK)
             now = time.monotonic()
             with self.lock:
-                late = [a for a in self.armed.values() if a.deadline <= now]
-                for a in late:
-                    a.fired = True
-                    a.vcpu.run_struct.immediate_exit = 1
-                    signal.pthread_kill(a.thread, KICK_SIGNAL)
+                for a in self.armed.values():
+                    if a.deadline <= now:
+                        a.fired = True
+                        a.run.immediate_exit = 1
+                        signal.pthread_kill(a.thread, KICK_SIGNAL)
 
 
-_watcher = _Watcher()
-
-
-class Watchdog:
-    """Context manager around one KVM_RUN: after `timeout` s, set immediate_exit and signal the thread."""
-
-    def __init__(self, vcpu: Any, timeout: float):
-        if signal.getsignal(KICK_SIGNAL) is not _ignore:
-            raise RuntimeError("kvmtests.watchdog: kick handler not installed (import kvmtests on the main thread)")
-        self.vcpu, self.timeout = vcpu, timeout
-        self.fired = False
-
-    def __enter__(self) -> "Watchdog":
-        self._token = _watcher.arm(self.vcpu, self.timeout)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.fired = _watcher.disarm(self._token)
+watcher = Watcher()

@@ -116,3 +116,9 @@ vmcall_bare:
 .globl spin
 spin:
 	jmp spin
+
+/* port writes forever: every KVM_RUN returns with one KVM_EXIT_IO (benchmarks) */
+.globl pio_loop
+pio_loop:
+	outb %al, $0x80
+	jmp pio_loop
