@@ -174,6 +174,19 @@ class Vm:
                           "memory_size": size, "userspace_addr": hva})
         return ioctl(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
 
+    def set_user_memory_region2_raw(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0,
+                                    guest_memfd: int = 0, guest_memfd_offset: int = 0) -> tuple[int, int]:
+        region = ffi.new("struct kvm_userspace_memory_region2 *",
+                         {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size,
+                          "userspace_addr": hva, "guest_memfd": guest_memfd,
+                          "guest_memfd_offset": guest_memfd_offset})
+        return ioctl(self.fd, uapi.KVM_SET_USER_MEMORY_REGION2, region)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> tuple[int, int]:
+        """KVM_CREATE_GUEST_MEMFD: (fd, errno); the caller closes the fd."""
+        return ioctl(self.fd, uapi.KVM_CREATE_GUEST_MEMFD,
+                     ffi.new("struct kvm_create_guest_memfd *", {"size": size, "flags": flags}))
+
     def add_region(self, slot: int, gpa: int, size: int, flags: int = 0, thp: bool = False) -> MemRegion:
         region = MemRegion(self, slot, gpa, size, flags, thp)
         self.regions.append(region)
