@@ -6,6 +6,7 @@ import shutil
 import cffi
 import pytest
 
+from kvmtests import uapi
 from kvmtests.uapi import ffi
 
 pytestmark = pytest.mark.nokvm
@@ -63,6 +64,14 @@ def _gated(expr: str, gate: str | None) -> str:
     return f"#ifdef {gate}\n  {expr},\n#else\n  -1,\n#endif" if gate else f"  {expr},"
 
 
+# Series-only values (or ones the series reuses) that no upstream header may be compared with.
+SERIES_ONLY = {"KVM_CAP_FAULT_EXIT_INSN_LEN", "KVM_MP_STATE_HV_INACTIVE_VTL", "KVM_MEMORY_ATTRIBUTE_NR",
+               "KVM_MEMORY_ATTRIBUTE_NW", "KVM_MEMORY_ATTRIBUTE_NX", "KVM_MEMORY_EXIT_FLAG_READ",
+               "KVM_MEMORY_EXIT_FLAG_WRITE", "KVM_MEMORY_EXIT_FLAG_EXEC"}
+CONSTANTS = sorted(n for n, v in vars(uapi).items() if n.startswith("KVM_") and isinstance(v, int)
+                   and not isinstance(v, bool) and n not in SERIES_ONLY)
+
+
 @pytest.fixture(scope="module")
 def headers(tmp_path_factory):
     """Offsets and sizes as the installed <linux/kvm.h> sees them, compiled through cffi's API mode."""
@@ -70,6 +79,7 @@ def headers(tmp_path_factory):
         pytest.skip("needs gcc and the kernel UAPI headers (linux-libc-dev)")
     exprs = [_gated(f"(long)offsetof(struct {s}, {m})", g) for s, m, g in MEMBERS]
     exprs += [_gated(f"(long)sizeof(struct {s})", _GATE.get(s)) for s in STRUCTS]
+    exprs += [_gated(f"(long)({n})", n) for n in CONSTANTS]
     api = cffi.FFI()
     api.cdef(f"extern const long layout[{len(exprs)}];")
     api.set_source("_kvmtests_headers", "#include <stddef.h>\n#include <linux/kvm.h>\n"
@@ -80,7 +90,8 @@ def headers(tmp_path_factory):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     values = list(mod.lib.layout)
-    return dict(zip([f"{s}.{m}" for s, m, _ in MEMBERS] + [f"sizeof {s}" for s in STRUCTS], values))
+    names = [f"{s}.{m}" for s, m, _ in MEMBERS] + [f"sizeof {s}" for s in STRUCTS] + CONSTANTS
+    return dict(zip(names, values))
 
 
 @pytest.mark.parametrize("struct,member", [(s, m) for s, m, _ in MEMBERS], ids=lambda v: v)
@@ -97,3 +108,11 @@ def test_struct_size_matches_installed_headers(headers, struct):
     if theirs < 0:
         pytest.skip(f"installed headers predate struct {struct}")
     assert ffi.sizeof(f"struct {struct}") == theirs, f"sizeof(struct {struct})"
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_constant_matches_installed_headers(headers, name):
+    theirs = headers[name]
+    if theirs == -1 and getattr(uapi, name) != -1:
+        pytest.skip(f"installed headers do not define {name}")
+    assert getattr(uapi, name) == theirs, f"{name}: suite {getattr(uapi, name):#x}, <linux/kvm.h> {theirs:#x}"
