@@ -6,6 +6,8 @@ import sys
 
 from tabulate import tabulate
 
+from . import bench, kernels, qualify
+
 
 def _probe(args: argparse.Namespace) -> int:
     from .probe import probe_tables
@@ -43,14 +45,8 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("file")
     rp.add_argument("--kcidb", metavar="OUT", help="also write the run as KernelCI KCIDB JSON")
     rp.set_defaults(func=_report)
-    from . import bench
-    bench.register(sub)
-    for module in ("qualify", "kernels"):
-        try:
-            __import__(f"kvmtests.{module}")
-        except ImportError:
-            continue
-        sys.modules[f"kvmtests.{module}"].register(sub)
+    for module in (bench, qualify, kernels):
+        module.register(sub)
     return p
 
 

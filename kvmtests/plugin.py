@@ -24,6 +24,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"feature groups the kernel must carry: '{features.SERIES}' or any of "
                          f"{', '.join(features.GROUPS)} (comma separated; env {REQUIRE_ENV})")
     group.addoption("--kvmtests-json", default=None, metavar="PATH", help="write the run's results as JSON")
+    group.addoption("--no-kvmtests-summary", action="store_true",
+                    help="do not print the summary table (kvmtests qualify prints it on the host)")
     group.addoption("--shuffle", type=int, default=None, metavar="SEED",
                     help="run the tests in a random order drawn from SEED (the same in every xdist worker)")
 
@@ -46,7 +48,7 @@ def _is_worker(config: pytest.Config) -> bool:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    if not config.getoption("markexpr"):
+    if "slow" not in config.getoption("markexpr"):
         slow = [item for item in items if item.get_closest_marker("slow")]
         if slow:
             config.hook.pytest_deselected(items=slow)
@@ -176,7 +178,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> None:
     doc = config.stash.get(_doc, None)
-    if doc is None:
+    if doc is None or config.getoption("no_kvmtests_summary"):
         return
     terminalreporter.section("kvmtests summary")
     terminalreporter.line(results.render(doc))

@@ -1,0 +1,262 @@
+"""Build the guest's initramfs (newc cpio, gzip) in Python: static busybox, the image's modules, /init."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import shlex
+import struct
+import subprocess
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmtests.qemu import MARK, SUITE_END, SUITE_START, RunnerError
+
+BUSYBOX = Path("/bin/busybox")
+# Module groups /init loads: "base" always, then the one matching the CPU vendor.
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "base": ("virtio_pci", "9pnet_virtio", "9p", "overlay"),
+    "amd": ("kvm_amd",),
+    "intel": ("kvm_intel",),
+}
+REQUIRED_GROUP = "base"
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
+
+
+@dataclass(frozen=True)
+class GuestPlan:
+    """What /init runs once the overlay root is up."""
+
+    project_dir: Path
+    command: Sequence[str]
+    env: Mapping[str, str]
+    results_dir: Path
+    root_tag: str
+    results_tag: str
+
+
+def module_name(filename: str) -> str:
+    """Normalise a module file name to the kernel's module name (dashes become underscores)."""
+    for suffix in MODULE_SUFFIXES:
+        if filename.endswith(suffix):
+            filename = filename[: -len(suffix)]
+            break
+    return filename.replace("-", "_")
+
+
+def module_index(modules_dir: Path) -> dict[str, Path]:
+    """Map every loadable module under modules_dir to its file."""
+    index: dict[str, Path] = {}
+    for root, _dirs, files in os.walk(modules_dir):
+        for name in files:
+            if name.endswith(MODULE_SUFFIXES):
+                index.setdefault(module_name(name), Path(root) / name)
+    return index
+
+
+def builtin_modules(modules_dir: Path) -> set[str]:
+    """Names the kernel has built in, from modules.builtin, so they are not looked for as files."""
+    path = modules_dir / "modules.builtin"
+    if not path.exists():
+        return set()
+    return {module_name(Path(line.strip()).name) for line in path.read_text().splitlines() if line.strip()}
+
+
+def read_module(path: Path) -> bytes:
+    """Return a module's ELF bytes, decompressed on the host because busybox insmod may not."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        try:
+            done = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True)
+        except FileNotFoundError:
+            raise RunnerError(f"{path} is zstd-compressed: install zstd (scripts/install.sh)") from None
+        except subprocess.CalledProcessError as exc:
+            raise RunnerError(f"cannot decompress {path}: {exc.stderr.decode(errors='replace').strip()}") from None
+        return done.stdout
+    return data
+
+
+def modinfo(elf: bytes) -> dict[str, str]:
+    """Read the .modinfo section of a module (what depmod reads) into a dict."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        raise ValueError("not a 64-bit ELF object")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize)
+        return name, offset, size
+
+    _, stroff, _ = section(shstrndx)
+    for i in range(shnum):
+        name, offset, size = section(i)
+        if elf[stroff + name: elf.index(b"\0", stroff + name)] == b".modinfo":
+            fields = elf[offset: offset + size].split(b"\0")
+            return dict(f.decode(errors="replace").partition("=")[::2] for f in fields if b"=" in f)
+    return {}
+
+
+def resolve(roots: Iterable[str], index: Mapping[str, Path], builtin: Collection[str],
+            loaded: Collection[str]) -> tuple[list[str], dict[str, bytes], list[str]]:
+    """Order roots and their not yet loaded dependencies for insmod; return (order, module bytes, missing roots)."""
+    order: list[str] = []
+    found: dict[str, bytes] = {}
+    missing: list[str] = []
+
+    def visit(name: str, needed_by: str | None) -> None:
+        if name in loaded or name in found or name in builtin:
+            return
+        path = index.get(name)
+        if path is None:
+            if needed_by is not None:
+                raise RunnerError(f"module {needed_by} needs {name}, which is neither a file nor built in: "
+                                  "pass the modules directory that belongs to this kernel (--modules)")
+            missing.append(name)
+            return
+        data = read_module(path)
+        found[name] = data
+        try:
+            deps = modinfo(data).get("depends", "")
+        except (ValueError, struct.error, IndexError):
+            raise RunnerError(f"{path} is not a kernel module: pass the kernel's own modules directory") from None
+        for dep in filter(None, deps.split(",")):
+            visit(module_name(dep), name)
+        order.append(name)
+
+    for root in roots:
+        visit(root, None)
+    return order, found, missing
+
+
+def collect_modules(modules_dir: Path) -> tuple[dict[str, list[str]], dict[str, bytes], list[str]]:
+    """Resolve every module group; return load lists per group, module bytes, and absent optional modules."""
+    index = module_index(modules_dir)
+    builtin = builtin_modules(modules_dir)
+    base_order, modules, missing = resolve(MODULE_GROUPS[REQUIRED_GROUP], index, builtin, ())
+    if missing:
+        raise RunnerError(f"{modules_dir} has no {', '.join(missing)} and the kernel does not build "
+                          f"{'it' if len(missing) == 1 else 'them'} in: the guest needs virtio-pci, 9p and "
+                          "overlayfs; pass the kernel's modules directory with --modules")
+    groups = {REQUIRED_GROUP: base_order}
+    absent: list[str] = []
+    for group, roots in MODULE_GROUPS.items():
+        if group == REQUIRED_GROUP:
+            continue
+        order, found, missing = resolve(roots, index, builtin, base_order)
+        groups[group] = order
+        modules.update(found)
+        absent += missing
+    return groups, modules, absent
+
+
+def is_static_elf(path: Path) -> bool:
+    """True for an ELF executable without a program interpreter (needed: the guest has no libc)."""
+    data = path.read_bytes()[:65536]
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return False
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, = struct.unpack_from("<I", data, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def find_busybox(path: Path | None = None) -> Path:
+    """Check the static busybox the initramfs is built around."""
+    path = path or BUSYBOX
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise RunnerError(f"{path} not found: install busybox-static (scripts/install.sh)")
+    if not is_static_elf(path):
+        raise RunnerError(f"{path} is not statically linked: install busybox-static (scripts/install.sh)")
+    return path
+
+
+def init_script(plan: GuestPlan) -> str:
+    """Write /init: load modules, stack a tmpfs overlay on the 9p host root, run the suite, power off."""
+    q = shlex.quote
+    new = "/newroot"
+    results = q(new + str(plan.results_dir))
+    env = " ".join(q(f"{k}={v}") for k, v in plan.env.items())
+    inner = f"cd {q(str(plan.project_dir))} && exec {shlex.join(plan.command)}"
+    return f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mark() {{ echo "{MARK} $1 $(cut -d' ' -f1 /proc/uptime) $2"; }}
+die() {{ echo "{MARK} init-failed 0 $*"; sync; poweroff -f; echo o > /proc/sysrq-trigger; sleep 5; }}
+load() {{ for m in $(cat /modules/$1.list); do insmod /modules/$m.ko || echo "kvmtests: insmod $m failed"; done; }}
+mark init
+load base
+case "$(grep -m1 vendor_id /proc/cpuinfo)" in
+  *AuthenticAMD*|*HygonGenuine*) load amd ;;
+  *GenuineIntel*) load intel ;;
+esac
+mkdir -p /lower /rw {new}
+mount -t 9p -o {NINEP_OPTS},ro,cache=loose {plan.root_tag} /lower || die "cannot mount the host root over 9p"
+mount -t tmpfs -o mode=755 rw /rw && mkdir /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay {new} || die "cannot mount the overlay root"
+mount -t proc proc {new}/proc
+mount -t sysfs sysfs {new}/sys
+mount -t devtmpfs devtmpfs {new}/dev
+mkdir -p {new}/dev/pts {new}/dev/shm {new}/run
+mount -t devpts devpts {new}/dev/pts
+mount -t tmpfs tmpfs {new}/dev/shm
+mount -t tmpfs tmpfs {new}/run
+mount -t tracefs tracefs {new}/sys/kernel/tracing
+mount -t debugfs debugfs {new}/sys/kernel/debug
+mkdir -p {results}
+mount -t 9p -o {NINEP_OPTS} {plan.results_tag} {results} || die "cannot mount the results directory over 9p"
+mark {SUITE_START}
+env -i {env} chroot {new} /bin/sh -c {q(inner)}
+rc=$?
+mark {SUITE_END} "rc=$rc"
+echo $rc > {results}/rc
+sync
+umount {results}
+poweroff -f
+echo o > /proc/sysrq-trigger
+sleep 5
+"""
+
+
+def cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0) -> bytes:
+    """One newc cpio record, padded to 4 bytes as the kernel's unpacker expects."""
+    encoded = name.encode() + b"\0"
+    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+    header = b"070701" + b"".join(b"%08X" % f for f in fields)
+    out = header + encoded
+    out += b"\0" * (-len(out) % 4) + data
+    return out + b"\0" * (-len(out) % 4)
+
+
+def cpio_archive(files: Mapping[str, bytes], dirs: Iterable[str], executables: set[str]) -> bytes:
+    """A newc archive with /dev/console (so /init has a console), the dirs and the files."""
+    records: list[tuple[str, int, bytes, tuple[int, int]]] = [
+        ("dev", 0o40755, b"", (0, 0)), ("dev/console", 0o20600, b"", (5, 1))]
+    records += [(d, 0o40755, b"", (0, 0)) for d in dirs]
+    records += [(n, 0o100755 if n in executables else 0o100644, d, (0, 0)) for n, d in files.items()]
+    # Each record gets its own inode number: the kernel's unpacker links records that share one.
+    body = b"".join(cpio_entry(n, mode, data, rdev, ino) for ino, (n, mode, data, rdev) in enumerate(records, 1))
+    return body + cpio_entry("TRAILER!!!", 0)
+
+
+def build(out: Path, busybox: Path, modules_dir: Path, plan: GuestPlan) -> list[str]:
+    """Write the initramfs to out; return the optional modules that were not found (e.g. kvm_intel)."""
+    groups, modules, absent = collect_modules(modules_dir)
+    files = {"bin/busybox": find_busybox(busybox).read_bytes(), "init": init_script(plan).encode()}
+    files.update({f"modules/{g}.list": "".join(m + "\n" for m in order).encode() for g, order in groups.items()})
+    files.update({f"modules/{name}.ko": data for name, data in modules.items()})
+    dirs = ["bin", "proc", "sys", "modules"]
+    out.write_bytes(gzip.compress(cpio_archive(files, dirs, {"bin/busybox", "init"}), compresslevel=1))
+    return absent

@@ -1,0 +1,231 @@
+"""`kvmtests qualify`: boot a kernel image under QEMU, run the suite inside, bring the results back."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import kvmtests
+from kvmtests import initramfs, kernels, qemu
+from kvmtests.qemu import RunnerError
+from kvmtests.report import render_file
+
+PROJECT_DIR = Path(kvmtests.__file__).resolve().parent.parent
+PYTEST_PLUGIN = "kvmtests.plugin"  # provides --kvmtests-json
+ROOT_TAG = "hostroot"
+RESULTS_TAG = "results"
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 124
+EXIT_NO_VERDICT = 125
+OUTPUTS = ("rc", "results.json", "junit.xml", "console.log")
+
+
+def kernel_release(image: Path) -> str:
+    """Check that image is an x86 bzImage and return the release string from its setup header."""
+    try:
+        with image.open("rb") as f:
+            head = f.read(0x10200)  # the version string may sit up to 0xffff past the header
+    except FileNotFoundError:
+        raise RunnerError(f"{image} does not exist: give a kernel image path or one of "
+                          f"{', '.join(kernels.KERNELS)}") from None
+    except OSError as exc:
+        raise RunnerError(f"cannot read {image}: {exc.strerror}; check the path and its permissions") from None
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        raise RunnerError(f"{image} is not an x86 kernel image (bzImage): pass arch/x86/boot/bzImage "
+                          "or /boot/vmlinuz-*")
+    offset, = struct.unpack_from("<H", head, 0x20E)
+    start = 0x200 + offset
+    if offset == 0 or start >= len(head):
+        return ""
+    version = head[start: head.find(b"\0", start)].decode(errors="replace")
+    return version.split(" ", 1)[0]
+
+
+def modules_dir(image: Path, release: str, given: Path | None) -> Path:
+    """The modules directory: --modules, else lib/modules/<release> beside the image's boot/ directory."""
+    if given is not None:
+        if not given.is_dir():
+            raise RunnerError(f"--modules {given} is not a directory: pass the kernel's lib/modules/<release>")
+        return given
+    root = image.resolve().parent.parent
+    candidates = [root / "lib" / "modules" / release, root / "usr" / "lib" / "modules" / release]
+    for candidate in candidates:
+        if release and candidate.is_dir():
+            return candidate
+    raise RunnerError(f"no modules for {release or 'this kernel'} at {candidates[0]}: "
+                      "pass --modules DIR (the kernel's lib/modules/<release>)")
+
+
+def nested_virt(sys_module: Path = Path("/sys/module")) -> bool:
+    """True when the host's kvm_intel or kvm_amd offers nested VMX/SVM, which a KVM guest needs here."""
+    for module in ("kvm_intel", "kvm_amd"):
+        param = sys_module / module / "parameters" / "nested"
+        if param.exists() and param.read_text().strip() in ("Y", "y", "1"):
+            return True
+    return False
+
+
+def choose_accel(requested: str, dev_kvm: Path = Path("/dev/kvm"),
+                 sys_module: Path = Path("/sys/module")) -> str:
+    """Resolve --accel: auto takes KVM only when the guest can itself run KVM (nested), else TCG."""
+    if requested == "kvm" and not os.access(dev_kvm, os.R_OK | os.W_OK):
+        raise RunnerError(f"--accel kvm needs a usable {dev_kvm}: use --accel tcg")
+    if requested == "auto":
+        return "kvm" if os.access(dev_kvm, os.R_OK | os.W_OK) and nested_virt(sys_module) else "tcg"
+    return requested
+
+
+def suite_command(results: Path, pytest_args: Sequence[str]) -> list[str]:
+    """The pytest command run in the guest (one vCPU: serial), writing JUnit and JSON to results.
+
+    The host prints the summary from the JSON, so the guest does not; without PYTEST-ARGS the runner's
+    own tests (which need no kernel) are left out."""
+    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-p", PYTEST_PLUGIN,
+           "--no-kvmtests-summary", f"--kvmtests-json={results / 'results.json'}",
+           f"--junitxml={results / 'junit.xml'}"]
+    return cmd + (list(pytest_args) or ["-m", "not runner"])
+
+
+def guest_env(accel: str, host_env: Mapping[str, str]) -> dict[str, str]:
+    """The suite's environment: HOME, PATH and KVMTESTS_* from the host, plus the accelerator."""
+    env = {k: v for k, v in host_env.items() if k in ("HOME", "PATH") or k.startswith("KVMTESTS_")}
+    env.update(KVMTESTS_ACCEL=accel, TERM="dumb")
+    return env
+
+
+def kernel_cmdline(accel: str) -> str:
+    """Console on the serial port, a panic ends QEMU, and the suite can tell it runs under QEMU."""
+    return f"console=ttyS0 panic=-1 kvmtests.accel={accel}"
+
+
+def resolve_kernel(spec: str) -> tuple[Path, Path | None]:
+    """--kernel is a path, or a stock kernel name that is fetched (and brings its modules) first."""
+    if not Path(spec).exists() and spec in kernels.KERNELS:
+        kernel = kernels.fetch(spec)
+        return kernel.image, kernel.modules
+    return Path(spec), None
+
+
+def pytest_args(remainder: Sequence[str]) -> list[str]:
+    """The arguments after `--`, which argparse's REMAINDER keeps the separator of."""
+    return list(remainder[1:] if remainder[:1] == ["--"] else remainder)
+
+
+def report(results: Path, run: qemu.RunResult, boot_timeout: float, timeout: float) -> int:
+    """Print phase times, the verdict or the one-line failure, and where the outputs are; return the exit code."""
+    log = results / "console.log"
+    rc_file = results / "rc"
+    summary = results / "results.json"
+    if rc_file.exists() and summary.exists():
+        print(render_file(summary))
+    start, end = run.marks.get(qemu.SUITE_START), run.marks.get(qemu.SUITE_END)
+    if start is not None:
+        print(f"qualify: boot {start:.1f} s (QEMU start until the suite started)")
+    if start is not None and end is not None:
+        print(f"qualify: suite {end - start:.1f} s")
+    if rc_file.exists():
+        for label, name in (("console log", "console.log"), ("JUnit XML", "junit.xml"), ("JSON", "results.json")):
+            if (results / name).exists():
+                print(f"qualify: {label}: {results / name}")
+        rc = rc_file.read_text().strip()
+        return int(rc) if rc.isdigit() else EXIT_NO_VERDICT
+    if run.timed_out == "boot":
+        line, code = f"kernel did not reach the test runner within {boot_timeout:g} s", EXIT_TIMEOUT
+    elif run.timed_out == "suite":
+        line, code = f"the suite did not finish within {timeout:g} s", EXIT_TIMEOUT
+    elif "init-failed" in run.marks:
+        failed = next(t for t in reversed(run.tail) if qemu.parse_mark(t) == "init-failed")
+        line, code = f"the guest's /init failed: {failed.split(None, 3)[-1]}", EXIT_NO_VERDICT
+    elif start is not None:
+        line, code = (f"the guest stopped before the suite finished (QEMU exit status {run.returncode})",
+                      EXIT_NO_VERDICT)
+    else:
+        line, code = (f"kernel did not reach the test runner (QEMU exit status {run.returncode} after "
+                      f"{run.elapsed:.0f} s)", EXIT_NO_VERDICT)
+    print(f"qualify: {line}; console log: {log}")
+    print("\n".join(f"  | {t}" for t in run.tail or ["(the console printed nothing)"]))
+    return code
+
+
+def qualify(args: argparse.Namespace) -> int:
+    """Validate the inputs, build the initramfs, boot the kernel and report; every input error is one line."""
+    try:
+        image, fetched_modules = resolve_kernel(args.kernel)
+        release = kernel_release(image)
+        modules = modules_dir(image, release, args.modules or fetched_modules)
+        binary = qemu.find_qemu()
+        busybox = initramfs.find_busybox()
+        accel = choose_accel(args.accel)
+        results = Path(args.results or Path("kvmtests-results") / (release or image.name)).resolve()
+        results.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:
+            (results / name).unlink(missing_ok=True)
+        plan = initramfs.GuestPlan(
+            project_dir=PROJECT_DIR, command=suite_command(results, pytest_args(args.pytest_args)),
+            env=guest_env(accel, os.environ), results_dir=results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
+        with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
+            initrd = Path(tmp) / "initramfs.cpio.gz"
+            for absent in initramfs.build(initrd, busybox, modules, plan):
+                print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
+            cfg = qemu.MachineConfig(
+                kernel=image, initrd=initrd, append=kernel_cmdline(accel), accel=accel,
+                cpu=args.cpu or ("host" if accel == "kvm" else "max"), mem=args.mem, smp=args.smp,
+                shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, results, False)))
+            print(f"qualify: booting {image} ({release}) under QEMU {accel}, -cpu {cfg.cpu}, "
+                  f"{cfg.smp} vCPU, {cfg.mem}; modules from {modules}", flush=True)
+            run = qemu.run_qemu(qemu.qemu_command(cfg, binary), results / "console.log", args.timeout,
+                                min(args.boot_timeout, args.timeout), suite_echo())
+    except RunnerError as exc:
+        print(f"qualify: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"qualify: {exc.filename or ''}: {exc.strerror}; check the path and its permissions", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return report(results, run, min(args.boot_timeout, args.timeout), args.timeout)
+
+
+def suite_echo() -> Callable[[str], None]:
+    """Show the suite's own console output live, without the kernel's boot messages."""
+    state = {"on": False}
+
+    def echo(line: str) -> None:
+        mark = qemu.parse_mark(line)
+        if mark in (qemu.SUITE_START, qemu.SUITE_END):
+            state["on"] = mark == qemu.SUITE_START
+        elif state["on"]:
+            print(line, flush=True)
+
+    return echo
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `qualify` to the kvmtests command line."""
+    p = subparsers.add_parser(
+        "qualify", help="boot a kernel image under QEMU and run the suite inside it",
+        description="Boot IMAGE under QEMU with the host's root file system shared read-only (tmpfs overlay), "
+                    "load kvm_amd/kvm_intel inside, run the suite and bring results back. Exit code: the "
+                    f"suite's; {EXIT_BAD_INPUT} bad input; {EXIT_TIMEOUT} timeout; {EXIT_NO_VERDICT} the guest "
+                    "ended without a verdict.")
+    p.add_argument("--kernel", required=True, metavar="IMAGE",
+                   help=f"kernel image (bzImage), or a stock kernel name: {', '.join(kernels.KERNELS)}")
+    p.add_argument("--modules", type=Path, metavar="DIR",
+                   help="the kernel's lib/modules/<release> (default: found beside the image)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="auto: KVM when the host offers nested VMX/SVM, else TCG")
+    p.add_argument("--cpu", metavar="MODEL", help="QEMU CPU model (default: host with KVM, max with TCG)")
+    p.add_argument("--mem", default="2G", metavar="SIZE", help="guest memory (default 2G)")
+    p.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1: TCG guests oopsed with 2)")
+    p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                   help="hard limit for the whole run (default 3600)")
+    p.add_argument("--boot-timeout", type=float, default=300, metavar="SECONDS",
+                   help="limit until the suite starts (default 300)")
+    p.add_argument("--results", metavar="DIR",
+                   help="where rc, junit.xml, results.json and console.log go (default kvmtests-results/<release>)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST-ARGS",
+                   help="arguments for pytest inside the guest (default: the whole suite)")
+    p.set_defaults(func=qualify)
