@@ -69,6 +69,20 @@ def cpu_vendor() -> str:
     return "unknown"
 
 
+SUMMARY_CAPS = [("HYPERV", uapi.KVM_CAP_HYPERV), ("HYPERV_ENFORCE_CPUID", uapi.KVM_CAP_HYPERV_ENFORCE_CPUID),
+                ("MEMORY_FAULT_INFO", uapi.KVM_CAP_MEMORY_FAULT_INFO),
+                ("MEMORY_ATTRIBUTES", uapi.KVM_CAP_MEMORY_ATTRIBUTES), ("VM_TYPES", uapi.KVM_CAP_VM_TYPES)]
+
+
+def capability_line() -> str:
+    """The capabilities a reader of the summary needs first, as KVM_CHECK_EXTENSION on /dev/kvm says."""
+    try:
+        with Kvm() as kvm:
+            return " ".join(f"{name}={kvm.check_extension(cap):#x}" for name, cap in SUMMARY_CAPS)
+    except Unavailable as e:
+        return str(e)
+
+
 def host_identity() -> dict[str, str]:
     return {
         "kernel": platform.release(),
@@ -77,6 +91,7 @@ def host_identity() -> dict[str, str]:
         "vendor module": vendor_module(),
         "tdp": tdp(),
         "environment": environment(),
+        "capabilities": capability_line(),
     }
 
 
