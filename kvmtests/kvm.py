@@ -100,19 +100,34 @@ def _get_cpuid2(fd: int, request: int, what: str | None) -> tuple[list[dict], in
     return ([{k: getattr(buf.entries[i], k) for k in CPUID_FIELDS} for i in range(buf.nent)], 0)
 
 
+HUGE_PAGE = 0x200000
+
+
+def _align_huge(ptr: object, size: int) -> object:
+    """Trim a mapping of size + 2 MiB to `size` bytes starting on a 2 MiB boundary (THP needs it)."""
+    base = int(ffi.cast("uintptr_t", ptr))
+    aligned = (base + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+    if aligned > base:
+        uapi.munmap(ptr, aligned - base)
+    uapi.munmap(ffi.cast("void *", aligned + size), base + HUGE_PAGE - aligned)
+    return ffi.cast("void *", aligned)
+
+
 class MemRegion:
-    """Anonymous host memory behind one memslot."""
+    """Anonymous host memory behind one memslot (2 MiB aligned and THP-advised with `thp`)."""
 
     def __init__(self, vm: "Vm", slot: int, gpa: int, size: int, flags: int = 0, thp: bool = False):
         self.vm, self.slot, self.gpa, self.size, self.flags = vm, slot, gpa, size, flags
         mflags = uapi.MAP_PRIVATE | uapi.MAP_ANONYMOUS | uapi.MAP_NORESERVE
-        ptr, err = uapi.mmap(size, uapi.PROT_READ | uapi.PROT_WRITE, mflags)
+        slack = HUGE_PAGE if thp else 0
+        ptr, err = uapi.mmap(size + slack, uapi.PROT_READ | uapi.PROT_WRITE, mflags)
         if ptr is None:
             raise KvmError(err, f"mmap of {size:#x} bytes for slot {slot}")
+        if thp:
+            ptr = _align_huge(ptr, size)
+            uapi.madvise(ptr, size, uapi.MADV_HUGEPAGE)
         self.ptr = ptr
         self.hva = int(ffi.cast("uintptr_t", ptr))
-        if thp:
-            uapi.madvise(ptr, size, uapi.MADV_HUGEPAGE)
         self.buf = ffi.buffer(ffi.cast("char *", ptr), size)
 
     def unmap(self) -> None:

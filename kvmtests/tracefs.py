@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 from typing import Iterator
 
@@ -10,6 +11,7 @@ SET_ATTRS_EVENT = "kvm/kvm_vm_set_mem_attributes"
 FAULTIN_EVENT = "kvmmmu/kvm_mem_attributes_faultin_access_prots"
 _ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _counter = itertools.count()
+_RECORD = re.compile(r"\d+\.\d+: (\w+): (.*)$")
 
 
 def root() -> str | None:
@@ -49,19 +51,22 @@ def format_fields(text: str) -> dict[str, tuple[str, int, int]]:
 
 
 class Instance:
-    """A private tracefs instance with some events enabled; removed (tracing off) on exit."""
+    """A private tracefs instance with some events enabled, optionally only for one task (`pid`,
+    a thread id): other processes' events never show; removed (tracing off) on exit."""
 
-    def __init__(self, events: list[str]):
+    def __init__(self, events: list[str], pid: int | None = None):
         base = root()
         if base is None:
             raise FileNotFoundError("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
         self.path = os.path.join(base, "instances", f"kvmtests-{os.getpid()}-{next(_counter)}")
-        self.events = events
+        self.events, self.pid = events, pid
 
     def __enter__(self) -> "Instance":
         os.mkdir(self.path)
         try:
             for event in self.events:
+                if self.pid is not None:
+                    self._write(os.path.join("events", event, "filter"), f"common_pid == {self.pid}")
                 self._write(os.path.join("events", event, "enable"), "1")
             self._write("tracing_on", "1")
         except OSError:
@@ -91,3 +96,12 @@ class Instance:
 
     def clear(self) -> None:
         self._write("trace", "")
+
+    def records(self, name: str) -> list[str]:
+        """The printed payloads of the recorded events called `name` (e.g. kvm_vm_set_mem_attributes)."""
+        out = []
+        for line in self.lines():
+            match = _RECORD.search(line)
+            if match and match.group(1) == name:
+                out.append(match.group(2))
+        return out

@@ -1,0 +1,25 @@
+/* On-demand guest accesses for the memory-attribute tests. The host points RIP at an entry and
+ * sets RBX (address) and RAX (value to write); each entry does one access and reports
+ * SYNC(kind, rax): 1 read, 2 write, 3 execute (a call into the page, which holds a `ret`). */
+.include "common.inc"
+
+_start:
+	GUEST_DONE
+
+.globl mem_read
+mem_read:
+	movq (%rbx), %rax
+	GUEST_SYNC 1
+	GUEST_DONE
+
+.globl mem_write
+mem_write:
+	movq %rax, (%rbx)
+	GUEST_SYNC 2
+	GUEST_DONE
+
+.globl mem_exec
+mem_exec:
+	call *%rbx
+	GUEST_SYNC 3
+	GUEST_DONE

@@ -1,0 +1,219 @@
+"""Memory-attribute and memory-fault helpers: on-demand guest accesses, decoded fault exits, host paging."""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from . import guest, probe, uapi
+from .kvm import Unavailable, Vcpu, Vm
+
+PAGE = 0x1000
+READ, WRITE, EXEC = "read", "write", "exec"
+KINDS = (READ, WRITE, EXEC)
+FLAG_OF = {READ: uapi.KVM_MEMORY_EXIT_FLAG_READ, WRITE: uapi.KVM_MEMORY_EXIT_FLAG_WRITE,
+           EXEC: uapi.KVM_MEMORY_EXIT_FLAG_EXEC}
+DENIED_BY = {READ: uapi.KVM_MEMORY_ATTRIBUTE_NR, WRITE: uapi.KVM_MEMORY_ATTRIBUTE_NW,
+             EXEC: uapi.KVM_MEMORY_ATTRIBUTE_NX}
+ENTRY = {READ: "mem_read", WRITE: "mem_write", EXEC: "mem_exec"}
+SYNC_STAGE = {READ: 1, WRITE: 2, EXEC: 3}
+EXEC_OFFSET = 0x800          # where the host puts the `ret` that an execute probe calls
+RET = b"\xc3"
+MEMORY_FAULT_BYTES = (32, 26)  # kvm_run offset and length of flags, gpa, size, insn_len
+SENTINEL = 0xA5
+
+VALID_PATCHED = frozenset({0x0, 0x2, 0x4, 0x6, 0x7})   # spec P15 table, default VM
+VALID_PATCHED_PRIVATE = VALID_PATCHED | {0x8}            # ... VM with private memory
+VALID_UPSTREAM = frozenset({0x0})
+VALID_UPSTREAM_PRIVATE = frozenset({0x0, 0x8})
+
+
+def attr_names(value: int) -> str:
+    """Decode an attribute value for messages."""
+    names = [n for n, b in (("NR", 1), ("NW", 2), ("NX", 4), ("PRIVATE", 8)) if value & b]
+    rest = value & ~0xF
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+def valid_values(patched: bool, private_vm: bool) -> frozenset[int]:
+    """Attribute values KVM_SET_MEMORY_ATTRIBUTES accepts (spec P15 table; upstream: only 0 and PRIVATE)."""
+    if patched:
+        return VALID_PATCHED_PRIVATE if private_vm else VALID_PATCHED
+    return VALID_UPSTREAM_PRIVATE if private_vm else VALID_UPSTREAM
+
+
+def require_ioctl(vm: Vm) -> None:
+    """Skip where the kernel has no KVM_SET_MEMORY_ATTRIBUTES at all."""
+    _, err = vm.set_memory_attributes(0x700000000, PAGE, 0)
+    if err == errno.ENOTTY:
+        raise Unavailable("kernel lacks KVM_SET_MEMORY_ATTRIBUTES (ENOTTY: CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES is off)")
+
+
+def set_attrs(vm: Vm, gpa: int, size: int, value: int, row: int) -> None:
+    """KVM_SET_MEMORY_ATTRIBUTES that the test relies on: anything but 0 fails the test with the row."""
+    ret, err = vm.set_memory_attributes(gpa, size, value)
+    assert ret == 0, (f"catalog {row}: KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, {attr_names(value)}) "
+                      f"returned {ret}/{uapi.errno_name(err)}, expected 0")
+
+
+def sw_protected_vm_type(kvm: object) -> int:
+    """KVM_X86_SW_PROTECTED_VM, or Unavailable where KVM_CAP_VM_TYPES does not list it."""
+    if not kvm.check_extension(uapi.KVM_CAP_VM_TYPES) & (1 << uapi.KVM_X86_SW_PROTECTED_VM):
+        raise Unavailable("needs KVM_X86_SW_PROTECTED_VM (CONFIG_KVM_SW_PROTECTED_VM): KVM_CAP_VM_TYPES lacks bit 1")
+    return uapi.KVM_X86_SW_PROTECTED_VM
+
+
+# --- host paging mode ----------------------------------------------------------------------------
+
+def _param(module: str, name: str) -> str | None:
+    try:
+        with open(f"/sys/module/{module}/parameters/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _on(value: str | None) -> bool:
+    return value in ("Y", "1")
+
+
+def tdp() -> bool | None:
+    """TDP (EPT/NPT) on, off, or None where the vendor module does not say."""
+    for module, param in probe.TDP_PARAMS.items():
+        value = _param(module, param)
+        if value is not None:
+            return _on(value)
+    return None
+
+
+def require_tdp() -> None:
+    """Catalog C assumes TDP: under shadow paging a supervisor read of an NR page is not denied."""
+    state = tdp()
+    if state is None:
+        raise Unavailable(f"needs TDP (EPT/NPT); cannot tell from {probe.vendor_module()}")
+    if not state:
+        raise Unavailable("needs TDP: kvm_intel.ept / kvm_amd.npt is off (shadow paging checks NR only at CPL 3)")
+
+
+def intel_ept() -> bool:
+    """Intel VMX with EPT: the only hosts where insn_len is the instruction length (P10)."""
+    return probe.cpu_vendor() == "GenuineIntel" and _on(_param("kvm_intel", "ept"))
+
+
+def intel_ept_ad() -> bool:
+    """EPT accessed/dirty flags on: guest paging-structure accesses then count as EPT writes (SDM)."""
+    return intel_ept() and _on(_param("kvm_intel", "eptad"))
+
+
+def amd_npt() -> bool:
+    return probe.cpu_vendor() == "AuthenticAMD" and _on(_param("kvm_amd", "npt"))
+
+
+# --- guest accesses ------------------------------------------------------------------------------
+
+@dataclass
+class Fault:
+    """The memory_fault part of kvm_run after a KVM_EXIT_MEMORY_FAULT."""
+
+    flags: int
+    gpa: int
+    size: int
+    insn_len: int
+
+    def __str__(self) -> str:
+        return (f"memory fault flags {uapi.memory_fault_flag_names(self.flags)} gpa {self.gpa:#x} "
+                f"size {self.size:#x} insn_len {self.insn_len}")
+
+
+@dataclass
+class Outcome:
+    """What one guest access did: completed (with the value read), a memory-fault exit, or else."""
+
+    kind: str
+    gpa: int
+    completed: bool
+    value: int | None
+    fault: Fault | None
+    rip: int
+    described: str
+
+    def __str__(self) -> str:
+        what = "completed" if self.completed else str(self.fault) if self.fault else self.described
+        return f"guest {self.kind} of {self.gpa:#x}: {what} (RIP {self.rip:#x})"
+
+
+def run_for_fault(m: guest.Machine, vcpu: Vcpu | None = None, timeout: float = 5.0) -> tuple[bool, Fault | None]:
+    """One KVM_RUN with sentinels in exit_reason and memory_fault: (ucall seen, fault or None)."""
+    vcpu = vcpu or m.vcpu
+    vcpu.run_struct.exit_reason = 0xFFFFFFFF
+    off, length = MEMORY_FAULT_BYTES
+    vcpu.set_run_bytes(off, bytes([SENTINEL]) * length)
+    ex = vcpu.run(timeout)
+    if ex.ret == -1 and ex.errno == errno.EFAULT and ex.reason == uapi.KVM_EXIT_MEMORY_FAULT:
+        mf = vcpu.run_struct.x.memory_fault
+        return False, Fault(mf.flags, mf.gpa, mf.size, vcpu.run_bytes(56, 1)[0])
+    return m.ucall(vcpu) is not None, None
+
+
+class Prober:
+    """A guest (payload mem.S) that does one read, write or execute per request, on any vCPU."""
+
+    def __init__(self, machine: guest.Machine):
+        self.m = machine
+
+    def access(self, kind: str, gpa: int, value: int = 0, vcpu: Vcpu | None = None) -> Outcome:
+        """Point the vCPU at the access and run it once; a fault leaves RIP on the access."""
+        vcpu = vcpu or self.m.vcpu
+        regs = vcpu.get_regs()
+        regs.rip, regs.rbx, regs.rax = self.m.sym(ENTRY[kind]), gpa, value
+        regs.rsp = guest.STACK_TOP - vcpu.id * guest.STACK_SIZE
+        vcpu.set_regs(regs)
+        return self.resume(kind, gpa, vcpu)
+
+    def resume(self, kind: str, gpa: int, vcpu: Vcpu | None = None) -> Outcome:
+        """Re-enter the vCPU where it stopped (e.g. after a fault) and decode what happened."""
+        vcpu = vcpu or self.m.vcpu
+        _, fault = run_for_fault(self.m, vcpu)
+        uc = self.m.ucall(vcpu)
+        done = uc is not None and uc.cmd == guest.UCALL_SYNC and uc.args[0] == SYNC_STAGE[kind]
+        return Outcome(kind, gpa, done, uc.args[1] if done else None, fault, vcpu.get_regs().rip,
+                       self.m.describe(vcpu))
+
+    def place_ret(self, page: int) -> int:
+        """Put a `ret` in the page from the host; the execute target."""
+        self.m.vm.write(page + EXEC_OFFSET, RET)
+        return page + EXEC_OFFSET
+
+
+def build_prober(vm: Vm, vcpus: int = 1) -> Prober:
+    """A machine running the mem.S payload with the standard layout."""
+    return Prober(guest.build(vm, guest.load_payload("mem"), vcpus=vcpus))
+
+
+def expect_fault(out: Outcome, kind: str, page: int, row: int | str, flags: int | None = None) -> Fault:
+    """The access must have ended in a memory-fault exit on `page` with the flag of its kind."""
+    assert out.fault is not None, f"catalog {row}: expected a memory-fault exit (EFAULT, exit 39); {out}"
+    want = FLAG_OF[kind] if flags is None else flags
+    assert out.fault.flags == want, (f"catalog {row}: {out}: flags {uapi.memory_fault_flag_names(out.fault.flags)}, "
+                                     f"expected {uapi.memory_fault_flag_names(want)}")
+    assert out.fault.gpa == page, f"catalog {row}: {out}: gpa {out.fault.gpa:#x}, expected the page {page:#x}"
+    return out.fault
+
+
+def expect_done(out: Outcome, row: int | str) -> None:
+    assert out.completed, f"catalog {row}: expected the {out.kind} to complete; {out}"
+
+
+def thp_backed(region: object) -> bool:
+    """Whether the region's host mapping currently holds transparent huge pages (smaps)."""
+    start = f"{region.hva:x}-"
+    with open(f"/proc/{os.getpid()}/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split()[0] and ":" not in line.split()[0]:
+                inside = line.startswith(start)
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) > 0
+    return False

@@ -1,0 +1,373 @@
+"""Memory-fault exits: attribute enforcement (catalog section C, 35-58), RWX flags and instruction
+length (section D, 59-70) and capability 236 (3)."""
+import pytest
+
+from kvmtests import guest, health, memfault, uapi
+from kvmtests.memfault import EXEC, PAGE, READ, WRITE, attr_names, expect_done, expect_fault
+
+NR, NW, NX = uapi.KVM_MEMORY_ATTRIBUTE_NR, uapi.KVM_MEMORY_ATTRIBUTE_NW, uapi.KVM_MEMORY_ATTRIBUTE_NX
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+PAGE_A = guest.DATA_GPA + 0x10000      # test pages in slot 0, away from everything the builder writes
+PAGE_B = PAGE_A + PAGE
+PATTERN = 0x0123456789ABCDEF
+OFF = 0x120                            # data accesses go to page + OFF
+DEVIATION_WRITE_AFTER_READ = (
+    "known v1 deviation (spec 43, 49b): after a permitted read of a page whose host mapping is populated, v1 "
+    "installs a writable mapping (map_writable is overwritten by __kvm_faultin_pfn) and the write is not "
+    "intercepted (confirmed on a 6.12 port)")
+DEVIATION_WRITE_AFTER_EXEC = (
+    "known v1 deviation (spec 50): after an execute of an NW page v1 does not intercept the write, whether "
+    "the host or the guest wrote the code before NW was set (confirmed on a 6.12 port)")
+
+
+def flag(series, kind: str) -> int:
+    """memory_fault.flags of an attribute fault: the access kind with P09, nothing without it."""
+    return memfault.FLAG_OF[kind] if series.patched("fault_rwx_flags") else 0
+
+
+@pytest.fixture
+def prober(vm, series):
+    """Section C preconditions: the series' attributes and TDP; a guest ready to access PAGE_A/PAGE_B."""
+    series.require("rwx_attributes")
+    memfault.require_tdp()
+    p = memfault.build_prober(vm)
+    for page in (PAGE_A, PAGE_B):
+        vm.write(page + OFF, PATTERN.to_bytes(8, "little"))
+        p.place_ret(page)
+    return p
+
+
+def target(kind: str, page: int) -> int:
+    return page + (memfault.EXEC_OFFSET if kind == EXEC else OFF)
+
+
+def table_rows() -> list:
+    """Section C, access kind x attribute: first access to a freshly restricted page."""
+    rows = {(NW, READ): (39,), (NW, WRITE): (35, 36, 56, 62), (NW, EXEC): (40,),
+            (NX, READ): (42,), (NX, WRITE): (42,), (NX, EXEC): (41, 56, 62),
+            (NW | NX, WRITE): (43, 56, 62), (NW | NX, READ): (43,), (NW | NX, EXEC): (43, 56, 62),
+            (NR | NW | NX, READ): (44, 56, 62), (NR | NW | NX, WRITE): (44, 56, 62),
+            (NR | NW | NX, EXEC): (44, 56, 62)}
+    return [pytest.param(value, kind, nums, marks=pytest.mark.catalog(*nums), id=f"{nums[0]}-{attr_names(value)}-{kind}")
+            for (value, kind), nums in rows.items()]
+
+
+@pytest.mark.parametrize("value,kind,nums", table_rows())
+def test_access_table(prober, series, value, kind, nums):
+    """Denied exactly when the attribute forbids the access; the exit names that access alone."""
+    row = "/".join(map(str, nums))
+    memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, value, nums[0])
+    out = prober.access(kind, target(kind, PAGE_A), value=0x5A)
+    if value & memfault.DENIED_BY[kind]:
+        expect_fault(out, kind, PAGE_A, f"{row} ({attr_names(value)}, {kind})", flag(series, kind))
+    else:
+        expect_done(out, f"{row} ({attr_names(value)}, {kind})")
+        if kind == READ:
+            assert out.value == PATTERN, f"catalog {row}: read {out.value:#x}, host wrote {PATTERN:#x}"
+
+
+@pytest.mark.catalog(35, 36, 37, 38)
+def test_write_to_nw_page_exit_fields(prober, series):
+    """A write to page+0x123: EFAULT, exit 39, WRITE, the page-aligned GPA, size 4096."""
+    memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, NW, 35)
+    out = prober.access(WRITE, PAGE_A + 0x123, value=1)
+    assert out.fault is not None, f"catalog 35: expected KVM_RUN -1/EFAULT with exit 39; {out}"
+    assert out.fault.flags == flag(series, WRITE), f"catalog 36: {out}, expected flags WRITE only"
+    assert out.fault.gpa == PAGE_A, f"catalog 37: {out}, expected gpa {PAGE_A:#x} (page-aligned)"
+    assert out.fault.size == PAGE, f"catalog 38: {out}, expected size 0x1000"
+
+
+@pytest.mark.catalog(45, 46)
+def test_denied_write_is_not_retired_until_attributes_clear(prober, series):
+    vm = prober.m.vm
+    memfault.set_attrs(vm, PAGE_A, PAGE, NW, 45)
+    first = prober.access(WRITE, PAGE_A + OFF, value=0xFEED)
+    expect_fault(first, WRITE, PAGE_A, 45, flag(series, WRITE))
+    again = prober.resume(WRITE, PAGE_A + OFF)
+    expect_fault(again, WRITE, PAGE_A, 45, flag(series, WRITE))
+    assert again.rip == first.rip, f"catalog 45: RIP moved from {first.rip:#x} to {again.rip:#x} after a denied write"
+    assert vm.read(PAGE_A + OFF, 8) == PATTERN.to_bytes(8, "little"), "catalog 45: the denied write reached memory"
+    memfault.set_attrs(vm, PAGE_A, PAGE, 0, 46)
+    expect_done(prober.resume(WRITE, PAGE_A + OFF), 46)
+    assert vm.read(PAGE_A + OFF, 8) == (0xFEED).to_bytes(8, "little"), "catalog 46: the write did not complete"
+
+
+@pytest.mark.catalog(47)
+def test_attributes_apply_to_an_already_mapped_page(prober, series):
+    expect_done(prober.access(WRITE, PAGE_A + OFF, value=1), 47)
+    memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, NW, 47)
+    expect_fault(prober.access(WRITE, PAGE_A + OFF, value=2), WRITE, PAGE_A, 47, flag(series, WRITE))
+
+
+@pytest.mark.catalog(48)
+def test_nx_page_first_mapped_by_a_read_stays_non_executable(prober, series):
+    memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, NX, 48)
+    expect_done(prober.access(READ, PAGE_A + OFF), 48)
+    expect_fault(prober.access(EXEC, target(EXEC, PAGE_A)), EXEC, PAGE_A, 48, flag(series, EXEC))
+
+
+@pytest.mark.catalog(49)
+def test_write_after_read_of_never_populated_nw_page(vm, series):
+    """49a: the host never touched the page, so the read maps the zero page read-only."""
+    series.require("rwx_attributes")
+    memfault.require_tdp()
+    p = memfault.build_prober(vm)
+    untouched = guest.DATA_GPA + 0x40000
+    memfault.set_attrs(vm, untouched, PAGE, NW, 49)
+    out = p.access(READ, untouched + OFF)
+    expect_done(out, "49a")
+    assert out.value == 0, f"catalog 49a: read {out.value:#x} from a never-written page"
+    expect_fault(p.access(WRITE, untouched + OFF, value=1), WRITE, untouched, "49a", flag(series, WRITE))
+
+
+@pytest.mark.catalog(43, 49)
+@pytest.mark.parametrize("value", [NW, NW | NX], ids=["49b-NW", "43-NW|NX"])
+def test_write_after_read_of_populated_page(prober, series, request, value):
+    """Documented intent: still a WRITE exit. Known v1 deviation (spec 43, 49b)."""
+    request.applymarker(pytest.mark.xfail(strict=True, reason=DEVIATION_WRITE_AFTER_READ))
+    memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, value, "43/49b")
+    expect_done(prober.access(READ, PAGE_A + OFF), "43/49b")
+    expect_fault(prober.access(WRITE, PAGE_A + OFF, value=1), WRITE, PAGE_A, "43/49b", flag(series, WRITE))
+
+
+@pytest.mark.catalog(50)
+@pytest.mark.parametrize("writer", ["host", "guest"])
+def test_write_after_execute_of_nw_page(prober, series, request, writer):
+    """Documented intent: a WRITE exit. Known v1 deviation (spec 50), whoever wrote the code."""
+    request.applymarker(pytest.mark.xfail(strict=True, reason=DEVIATION_WRITE_AFTER_EXEC))
+    ret_at = target(EXEC, PAGE_B)
+    if writer == "guest":
+        prober.m.vm.write(ret_at, b"\x00")
+        expect_done(prober.access(WRITE, ret_at, value=0xC3), 50)
+    memfault.set_attrs(prober.m.vm, PAGE_B, PAGE, NW, 50)
+    expect_done(prober.access(EXEC, ret_at), 50)
+    expect_fault(prober.access(WRITE, PAGE_B + OFF, value=1), WRITE, PAGE_B, 50, flag(series, WRITE))
+
+
+@pytest.mark.catalog(51)
+def test_nw_page_inside_a_huge_page(prober, series):
+    vm = prober.m.vm
+    region = vm.add_region(1, 0x400000, 0x200000, thp=True)
+    region.buf[:] = b"\x11" * region.size
+    if not memfault.thp_backed(region):
+        pytest.skip("needs transparent huge pages: the 2 MiB slot is not THP-backed (transparent_hugepage=never?)")
+    neighbour, restricted = 0x400000 + 2 * PAGE, 0x400000 + PAGE
+    expect_done(prober.access(WRITE, neighbour, value=1), 51)
+    memfault.set_attrs(vm, restricted, PAGE, NW, 51)
+    expect_done(prober.access(WRITE, neighbour + 8, value=2), 51)
+    expect_fault(prober.access(WRITE, restricted, value=3), WRITE, restricted, 51, flag(series, WRITE))
+
+
+@pytest.mark.catalog(52)
+def test_attributes_set_before_the_memslot_exists(prober, series):
+    vm = prober.m.vm
+    memfault.set_attrs(vm, 0x800000, PAGE, NW, 52)
+    vm.add_region(1, 0x800000, 0x200000)
+    expect_fault(prober.access(WRITE, 0x800000 + OFF, value=1), WRITE, 0x800000, 52, flag(series, WRITE))
+    expect_done(prober.access(WRITE, 0x800000 + PAGE, value=1), 52)
+
+
+@pytest.mark.catalog(53)
+def test_clearing_a_range_lifts_every_restriction(prober):
+    vm = prober.m.vm
+    pages = [PAGE_A + i * PAGE for i in range(4)]
+    for page, value in zip(pages, (NW, NX, NW | NX, NR | NW | NX)):
+        prober.place_ret(page)
+        memfault.set_attrs(vm, page, PAGE, value, 53)
+    memfault.set_attrs(vm, PAGE_A, 4 * PAGE, 0, 53)
+    for page in pages:
+        for kind in (WRITE, EXEC, READ):
+            expect_done(prober.access(kind, target(kind, page), value=7), f"53 ({kind} of {page:#x})")
+
+
+@pytest.mark.catalog(54)
+def test_page_walk_through_no_access_page_table(prober, series):
+    """Reading: the walk only reads the PTE (A bits preset), so READ, except where EPT A/D makes every
+    guest paging-structure access an EPT write (Intel SDM) and the exit says WRITE."""
+    m = prober.m
+    gva = PAGE_A
+    pt_page = m.pte_gpa(gva) & ~(PAGE - 1)
+    m.set_pte_flags(gva, set_bits=guest.PTE_A)
+    m.mem.write_u64(guest.PD_GPA + 8 * (gva >> 21), m.mem.read_u64(guest.PD_GPA + 8 * (gva >> 21)) | guest.PTE_A)
+    memfault.set_attrs(m.vm, pt_page, PAGE, NR | NW | NX, 54)
+    kind = WRITE if memfault.intel_ept_ad() else READ
+    expect_fault(prober.access(READ, gva + OFF), kind, pt_page, "54 (gpa = the page-table page)", flag(series, kind))
+
+
+@pytest.mark.catalog(55)
+def test_accessed_bit_update_in_nw_page_table(prober, series):
+    m = prober.m
+    gva = PAGE_A
+    pt_page = m.pte_gpa(gva) & ~(PAGE - 1)
+    m.set_pte_flags(gva, clear_bits=guest.PTE_A)
+    memfault.set_attrs(m.vm, pt_page, PAGE, NW, 55)
+    expect_fault(prober.access(READ, gva + OFF), WRITE, pt_page, "55 (A-bit update)", flag(series, WRITE))
+
+
+@pytest.mark.catalog(57)
+def test_faulting_restricted_pages_leaves_the_kernel_healthy(prober):
+    watch = health.Watch()
+    try:
+        for value in (NW, NX, NW | NX, NR | NW | NX):
+            memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, value, 57)
+            for kind in (READ, WRITE, EXEC):
+                prober.access(kind, target(kind, PAGE_A), value=1)
+        memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, 0, 57)
+        problems = watch.problems()
+    finally:
+        watch.close()
+    assert not problems, "catalog 57: " + "; ".join(problems)
+
+
+@pytest.mark.catalog(58)
+def test_fault_on_one_vcpu_leaves_another_alone(vm, series):
+    series.require("rwx_attributes")
+    memfault.require_tdp()
+    p = memfault.build_prober(vm, vcpus=2)
+    vcpu0, vcpu1 = p.m.vcpus
+    memfault.set_attrs(vm, PAGE_A, PAGE, NW, 58)
+    expect_fault(p.access(WRITE, PAGE_A + OFF, 1, vcpu0), WRITE, PAGE_A, 58, flag(series, WRITE))
+    expect_done(p.access(WRITE, PAGE_B + OFF, 2, vcpu1), "58 (vCPU 1)")
+    expect_fault(p.resume(WRITE, PAGE_A + OFF, vcpu0), WRITE, PAGE_A, 58, flag(series, WRITE))
+
+
+# --- section D: flags of private/shared mismatch exits (SW_PROTECTED VM) --------------------------------
+
+@pytest.mark.parametrize("kind,row", [pytest.param(READ, 59, marks=pytest.mark.catalog(59), id="59-read"),
+                                      pytest.param(WRITE, 60, marks=pytest.mark.catalog(60), id="60-write"),
+                                      pytest.param(EXEC, 61, marks=pytest.mark.catalog(61), id="61-exec")])
+def test_private_page_access_flags(kvm, series, kind, row):
+    """A PRIVATE page in a memslot without guest_memfd: PRIVATE plus the access kind (P09), PRIVATE alone upstream."""
+    with kvm.create_vm(memfault.sw_protected_vm_type(kvm)) as vm:
+        p = memfault.build_prober(vm)
+        p.place_ret(PAGE_A)
+        memfault.set_attrs(vm, PAGE_A, PAGE, PRIVATE, row)
+        want = PRIVATE | (memfault.FLAG_OF[kind] if series.patched("fault_rwx_flags") else 0)
+        expect_fault(p.access(kind, target(kind, PAGE_A), value=1), kind, PAGE_A, row, want)
+
+
+# --- section D: instruction length -------------------------------------------------------------------
+
+INSN_TARGET = guest.DATA_GPA + 0x200
+INSN_PAGE = guest.DATA_GPA
+
+
+def insn_rows() -> list:
+    """Every length 1-15, reads and writes: 63 and 64 are the catalog's own rows, the rest extend them."""
+    own = {"w3": 63, "w2": 64, "w6": 64}
+    return [pytest.param(f"{k}{n}", marks=pytest.mark.catalog(*([own[f"{k}{n}"]] if f"{k}{n}" in own else [63, 64])),
+                         id=f"{own.get(f'{k}{n}', 'ext')}-{'read' if k == 'r' else 'write'}-{n}-bytes")
+            for k in "rw" for n in range(1, 16)]
+
+
+def insn_fault(vm, name: str) -> tuple[int, memfault.Fault | None, guest.Machine]:
+    """Run one labelled instruction of insn_len.S against a restricted page: (its length, the fault, machine)."""
+    payload = guest.load_payload("insn_len")
+    m = guest.build(vm, payload, entry=name)
+    memfault.set_attrs(vm, INSN_PAGE, PAGE, NR | NW | NX if name.startswith("r") else NW, 63)
+    _, fault = memfault.run_for_fault(m)
+    return payload.length(f"{name}_insn", f"{name}_end"), fault, m
+
+
+def require_insn_len(series) -> None:
+    series.require("rwx_attributes")
+    series.require("fault_insn_len")
+
+
+@pytest.mark.parametrize("name", insn_rows())
+def test_insn_len_is_the_instruction_length(vm, series, name):
+    require_insn_len(series)
+    if not memfault.intel_ept():
+        pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
+    length, fault, m = insn_fault(vm, name)
+    assert length == int(name[1:]), f"payload bug: {name} is {length} bytes"
+    assert fault is not None, f"catalog 63/64: {name}: expected a memory-fault exit, got {m.describe()}"
+    assert fault.insn_len == length, f"catalog 63/64: {name}: {fault}, expected insn_len {length}"
+
+
+@pytest.mark.catalog(67, 68, 69)
+def test_insn_len_never_exceeds_15(vm, series, kvm):
+    """67/69 on every host with P11; 68 (AMD decode-assist byte count) is the same bound."""
+    require_insn_len(series)
+    memfault.require_tdp()
+    seen = []
+    for name in ("r1", "r7", "r15", "w1", "w9", "w15"):
+        with kvm.create_vm() as own:
+            _, fault, m = insn_fault(own, name)
+            assert fault is not None, f"catalog 67: {name}: expected a memory-fault exit, got {m.describe()}"
+            seen.append((name, fault))
+    p = memfault.build_prober(vm)
+    p.place_ret(PAGE_A)
+    memfault.set_attrs(vm, PAGE_A, PAGE, NX, 69)
+    exec_fault = p.access(EXEC, target(EXEC, PAGE_A)).fault
+    assert exec_fault is not None, "catalog 69: expected an EXEC memory-fault exit"
+    seen.append(("execute", exec_fault))
+    bad = [f"{name}: {fault}" for name, fault in seen if fault.insn_len > 15]
+    assert not bad, f"catalog 67/68/69: insn_len above 15: {'; '.join(bad)}"
+
+
+@pytest.mark.catalog(70)
+def test_shadow_paging_reports_no_insn_len(vm, series):
+    require_insn_len(series)
+    if memfault.tdp() is not False:
+        pytest.skip("needs TDP disabled (kvm_intel.ept=0 or kvm_amd.npt=0): the row is about the shadow #PF path")
+    p = memfault.build_prober(vm)
+    p.place_ret(PAGE_A)
+    memfault.set_attrs(vm, PAGE_A, PAGE, NW | NX, 70)
+    for kind in (WRITE, EXEC):
+        fault = expect_fault(p.access(kind, target(kind, PAGE_A), value=1), kind, PAGE_A, 70, flag(series, kind))
+        assert fault.insn_len == 0, f"catalog 70: {kind}: {fault}, expected insn_len 0 (shadow #PF passes no length)"
+
+
+@pytest.mark.catalog(65)
+def test_private_mismatch_exit_carries_insn_len(kvm, series):
+    series.require("fault_insn_len")
+    if not memfault.intel_ept():
+        pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
+    with kvm.create_vm(memfault.sw_protected_vm_type(kvm)) as vm:
+        payload = guest.load_payload("insn_len")
+        m = guest.build(vm, payload, entry="r3")
+        memfault.set_attrs(vm, INSN_PAGE, PAGE, PRIVATE, 65)
+        _, fault = memfault.run_for_fault(m)
+        assert fault is not None, f"catalog 65: expected a memory-fault exit, got {m.describe()}"
+        assert fault.insn_len == 3, f"catalog 65: {fault}, expected insn_len 3 (mov (%rbx),%rax)"
+
+
+SENTINEL_ROWS = [pytest.param("nw-write", marks=pytest.mark.catalog(66), id="66-nw-write-default-vm"),
+                 pytest.param("private-read", marks=pytest.mark.catalog(66), id="66-private-read-sw-protected-vm")]
+
+
+@pytest.mark.parametrize("source", SENTINEL_ROWS)
+def test_insn_len_byte_overwrites_sentinel(kvm, series, source):
+    """kvm_run byte 56 pre-filled with 0xA5: P11 writes the length (0 on AMD without decode assists);
+    upstream leaves it."""
+    if source == "nw-write":
+        series.require("rwx_attributes")
+        vm_type, entry, value = uapi.KVM_X86_DEFAULT_VM, "write_data", NW
+    else:
+        vm_type, entry, value = memfault.sw_protected_vm_type(kvm), "read_data", PRIVATE
+    with kvm.create_vm(vm_type) as vm:
+        payload = guest.load_payload("probe")
+        m = guest.build(vm, payload, entry=entry)
+        memfault.set_attrs(vm, guest.DATA_GPA, PAGE, value, 66)
+        _, fault = memfault.run_for_fault(m)
+        assert fault is not None, f"catalog 66: expected a memory-fault exit, got {m.describe()}"
+        if not series.patched("fault_insn_len"):
+            assert fault.insn_len == memfault.SENTINEL, f"catalog 66: byte 56 = {fault.insn_len:#x}, sentinel 0xa5 lost"
+            return
+        length = payload.length(f"{entry}_insn", f"{entry}_end")
+        want = {length} if memfault.intel_ept() else set(range(16))
+        assert fault.insn_len in want, f"catalog 66: byte 56 = {fault.insn_len:#x}, expected {sorted(want)}"
+
+
+@pytest.mark.catalog(3)
+def test_capability_236(kvm, vm, series):
+    """The series' KVM_CAP_FAULT_EXIT_INSN_LEN reads 1; on >= 6.11 the number is KVM_CAP_PRE_FAULT_MEMORY
+    (tdp_enabled), so upstream only 0 or 1, the same on both fds."""
+    got = (kvm.check_extension(236), vm.check_extension(236))
+    if series.patched("fault_insn_len"):
+        if memfault.tdp() is False:
+            pytest.skip("TDP is off: on a >= 6.11 port 236 is KVM_CAP_PRE_FAULT_MEMORY (0 without TDP)")
+        assert got == (1, 1), f"catalog 3: KVM_CHECK_EXTENSION(236) on /dev/kvm, VM fd = {got}, expected (1, 1)"
+    else:
+        assert got[0] == got[1] and got[0] in (0, 1), f"catalog 3: KVM_CHECK_EXTENSION(236) = {got}, expected 0 or 1 on both"
