@@ -1,6 +1,7 @@
 """Hyper-V vCPU builder and hypercall driver (guest side in guestasm/hcall*.S)."""
 from __future__ import annotations
 
+import errno
 import struct
 from dataclasses import dataclass, field
 
@@ -9,10 +10,18 @@ from .kvm import Kvm, Unavailable, Vm
 
 XMM_IN_GPA = guest.UCALL_GPA + 0x800
 XMM_OUT_GPA = guest.UCALL_GPA + 0x880
+INPUT_GPA = guest.DATA_GPA          # slow hypercalls' input page
 RAX_SENTINEL = 0x5A5A5A5A5A5A5A5A
+RBX_SENTINEL = 0x3C3C3C3C3C3C3C3C   # non-zero, so that a VMMCALL tail (add %ebx,%ecx) would show in RCX
 LAPIC_SVR, LAPIC_SVR_ENABLE = 0xF0, 1 << 8
+LAPIC_IRR = 0x200
 
 Xmm = tuple[int, int]  # (low 64 bits, high 64 bits)
+
+
+def code_group(code: int) -> str:
+    """The feature group (features.GROUPS) whose patch makes `code` exit: P18's VSM codes or P06-P08's."""
+    return "vsm_hcalls" if code in hvtlfs.VSM_CODES else "hv_exits"
 
 
 def require_hyperv(kvm: Kvm) -> None:
@@ -54,6 +63,16 @@ class HvMachine:
 
     def entry(self, what: str = "hcall") -> str:
         return f"{what}_{'vmmcall' if self.vmmcall else 'vmcall'}"
+
+    @property
+    def insn(self) -> int:
+        """Guest address of the hypercall instruction."""
+        return self.machine.sym(self.entry("hcall") + "_insn")
+
+    @property
+    def after(self) -> int:
+        """Guest address of the instruction after it."""
+        return self.machine.sym(self.entry("hcall") + "_after")
 
     def hv_leaf(self, function: int) -> dict:
         return next(e for e in self.cpuid if e["function"] == function)
@@ -124,16 +143,20 @@ class Outcome:
     completed: bool = False
     rax: int = 0
     edx: int = 0
+    rcx: int = 0
     xmm_after: list[Xmm] = field(default_factory=list)
     exception: int | None = None
     rip: int = 0
+    completion: tuple[int, int, int] | None = None  # (RIP, RAX, RDX) right after a userspace completion
     detail: str = ""
 
     def __str__(self) -> str:
         if self.exited:
-            return f"exit KVM_EXIT_HYPERV/HCALL input {self.input:#x} params {self.params[0]:#x} {self.params[1]:#x}"
+            return (f"exit KVM_EXIT_HYPERV/HCALL input {self.input:#x} params {self.params[0]:#x} "
+                    f"{self.params[1]:#x}")
         if self.completed:
-            return f"completed in the kernel, RAX {hvtlfs.status_name(self.rax)}"
+            rax = "unchanged (sentinel)" if self.rax == RAX_SENTINEL else hvtlfs.status_name(self.rax)
+            return f"no exit, the guest resumed after the hypercall with RAX {rax}"
         if self.exception is not None:
             return f"guest exception {guest.EXCEPTION_NAMES.get(self.exception, self.exception)} at {self.rip:#x}"
         return self.detail
@@ -157,7 +180,7 @@ def _observe(hvm: HvMachine, timeout: float) -> Outcome:
                        xmm=[(h.xmm[i].low, h.xmm[i].high) for i in range(6)])
     uc = m.ucall()
     if uc and uc.cmd == guest.UCALL_SYNC and uc.args[0] == 1:
-        out = Outcome(completed=True, rax=uc.args[1], xmm_after=_read_xmm(m.mem, XMM_OUT_GPA))
+        out = Outcome(completed=True, rax=uc.args[1], rcx=uc.args[2], xmm_after=_read_xmm(m.mem, XMM_OUT_GPA))
         if m.bits == 32:
             out.edx = m.run_until(guest.UCALL_SYNC).args[1]
         return out
@@ -176,7 +199,7 @@ def hypercall(hvm: HvMachine, control: int, rdx: int = 0, r8: int = 0, *, xmm: l
     regs.rip = m.sym(hvm.entry(entry))
     regs.rsp = guest.STACK_TOP
     if m.bits == 64:
-        regs.rcx, regs.rdx, regs.r8, regs.rax = control, rdx, r8, rax
+        regs.rcx, regs.rdx, regs.r8, regs.rax, regs.rbx = control, rdx, r8, rax, RBX_SENTINEL
     else:
         regs.rdx, regs.rax = control >> 32, control & 0xFFFFFFFF
         regs.rbx, regs.rcx = rdx >> 32, rdx & 0xFFFFFFFF
@@ -187,11 +210,37 @@ def hypercall(hvm: HvMachine, control: int, rdx: int = 0, r8: int = 0, *, xmm: l
 
 def complete(hvm: HvMachine, result: int, *, xmm: list[Xmm] | None = None, input: int | None = None,
              timeout: float = 5.0) -> Outcome:
-    """Finish a userspace hypercall exit: write hcall.result (and xmm/input), re-enter, observe."""
-    h = hvm.vcpu.run_struct.x.hyperv.u.hcall
+    """Finish a userspace hypercall exit: write hcall.result (and xmm/input), let KVM complete it without
+    entering the guest (immediate_exit, api.rst) to read RIP/RAX/RDX, then resume and observe."""
+    vcpu = hvm.vcpu
+    h = vcpu.run_struct.x.hyperv.u.hcall
     h.result = result
     if input is not None:
         h.input = input
     for i, (lo, hi) in enumerate(xmm or []):
         h.xmm[i].low, h.xmm[i].high = lo, hi
+    vcpu.run_struct.immediate_exit = 1
+    try:
+        ex = vcpu.run(timeout)
+    finally:
+        vcpu.run_struct.immediate_exit = 0
+    if not (ex.ret < 0 and ex.errno == errno.EINTR):
+        return Outcome(detail=f"KVM_RUN with immediate_exit to complete the hypercall: {hvm.machine.describe()}")
+    regs = vcpu.get_regs()
+    out = _observe(hvm, timeout)
+    out.completion = (regs.rip, regs.rax, regs.rdx)
+    return out
+
+
+def resume_after_exception(hvm: HvMachine, timeout: float = 5.0) -> Outcome:
+    """After a reported guest exception at the hypercall, continue after it: the guest stores XMM0-5 and
+    reports RAX, so an injected #UD can be checked for what it left unwritten."""
+    hvm.machine.set_resume(hvm.after)
     return _observe(hvm, timeout)
+
+
+def irr_pending(vcpu: object, vector: int) -> bool:
+    """Is `vector` pending in the in-kernel LAPIC's IRR (KVM_GET_LAPIC)?"""
+    regs = vcpu.get_lapic()
+    word = struct.unpack_from("<I", regs, LAPIC_IRR + 0x10 * (vector // 32))[0]
+    return bool(word >> (vector % 32) & 1)

@@ -1,9 +1,12 @@
-"""KVM_GET/SET_MP_STATE: the standard x86 states, and state 11 refused without the VSM bit (catalog 123)."""
+"""KVM_GET/SET_MP_STATE: the standard x86 states, and KVM_MP_STATE_HV_INACTIVE_VTL (catalog 123-135)."""
 import errno
+import struct
+import threading
+import time
 
 import pytest
 
-from kvmtests import uapi
+from kvmtests import guest, hvtlfs, hyperv, uapi
 
 NON_X86 = [uapi.KVM_MP_STATE_STOPPED, uapi.KVM_MP_STATE_CHECK_STOP, uapi.KVM_MP_STATE_OPERATING,
            uapi.KVM_MP_STATE_LOAD, uapi.KVM_MP_STATE_SUSPENDED]
@@ -58,3 +61,192 @@ def test_inactive_vtl_refused_without_hyperv_cpuid(vm, irqchip):
     ret, err = vcpu.set_mp_state(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
     assert (ret, err) == (-1, errno.EINVAL), f"catalog 123: KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}, expected EINVAL"
     assert vcpu.get_mp_state() == (uapi.KVM_MP_STATE_RUNNABLE, 0), "a refused state must not change the vCPU"
+
+
+# --- KVM_MP_STATE_HV_INACTIVE_VTL (P05) ------------------------------------------------------------------
+
+INACTIVE_VTL = uapi.KVM_MP_STATE_HV_INACTIVE_VTL
+VSM = hyperv.CpuidBits(ebx_set=hvtlfs.HV_ACCESS_VSM)
+MSI_VECTOR, TIMER_VECTOR = 0x30, 0x31
+MSI_ADDRESS = 0xFEE00000                      # fixed delivery, physical destination APIC ID 0
+APIC_LVTT, APIC_TMICT, APIC_TMCCT, APIC_TDCR = 0x320, 0x380, 0x390, 0x3E0
+TDCR_DIVIDE_BY_1 = 0xB
+TIMER_COUNT = 50_000_000                      # 50 ms at KVM's default 1 ns APIC bus cycle
+SENTINEL32, SENTINEL64 = 0xA5A5A5A5, 0x5AA55AA55AA55AA5
+
+
+def send_msi(vm, vector: int = MSI_VECTOR) -> None:
+    ret, err = vm.signal_msi(MSI_ADDRESS, vector)
+    assert ret > 0, f"KVM_SIGNAL_MSI(vector {vector:#x} to APIC 0) not delivered: {ret}, {uapi.errno_name(err)}"
+
+
+def set_state(vcpu, state: int, n: int) -> None:
+    ret, err = vcpu.set_mp_state(state)
+    assert (ret, err) == (0, 0), f"catalog {n}: KVM_SET_MP_STATE({state_name(state)}): {uapi.errno_name(err)}"
+
+
+def inactive_vtl(vm, series, n: int) -> hyperv.HvMachine:
+    """A VSM vCPU (IF = 0) put into state 11; the rows using it have no upstream expectation."""
+    series.require("mp_inactive_vtl")
+    hvm = hyperv.build(vm, VSM)
+    set_state(hvm.vcpu, INACTIVE_VTL, n)
+    return hvm
+
+
+def expect_wakeup(hvm: hyperv.HvMachine, n: int, why: str) -> None:
+    ex = hvm.vcpu.run(5.0)
+    run = hvm.vcpu.run_struct
+    assert (ex.ret, ex.reason, run.x.system_event.type) == (0, uapi.KVM_EXIT_SYSTEM_EVENT,
+                                                            uapi.KVM_SYSTEM_EVENT_WAKEUP), \
+        f"catalog {n}: {why}: expected KVM_RUN 0 with KVM_EXIT_SYSTEM_EVENT type WAKEUP, got {hvm.machine.describe()}"
+
+
+@pytest.mark.catalog(124)
+def test_inactive_vtl_refused_without_the_vsm_bit(vm):
+    """Same on both kernels: a Hyper-V vCPU whose 0x40000003 EBX lacks bit 16 cannot enter state 11."""
+    hvm = hyperv.build(vm, hyperv.CpuidBits(ebx_clear=hvtlfs.HV_ACCESS_VSM))
+    ret, err = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    assert (ret, err) == (-1, errno.EINVAL), f"catalog 124: KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}"
+
+
+@pytest.mark.catalog(125)
+def test_inactive_vtl_accepted_with_the_vsm_bit(vm, series):
+    hvm = hyperv.build(vm, VSM)
+    ret, err = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    if not series.patched("mp_inactive_vtl"):
+        assert (ret, err) == (-1, errno.EINVAL), \
+            f"catalog 125: unpatched KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}, expected EINVAL"
+        return
+    assert (ret, err) == (0, 0), f"catalog 125: KVM_SET_MP_STATE(11) on a VSM vCPU: {uapi.errno_name(err)}"
+    got = hvm.vcpu.get_mp_state()
+    assert got == (INACTIVE_VTL, 0), f"catalog 125: KVM_GET_MP_STATE read {state_name(got[0])}, expected 11"
+
+
+@pytest.mark.catalog(126)
+def test_pending_msi_wakes_inactive_vtl_despite_if0(vm, series):
+    """TLFS 12.12.2.1: an inactive VTL's wake-up ignores RFLAGS.IF, so an MSI already pending exits at once."""
+    hvm = inactive_vtl(vm, series, 126)
+    send_msi(vm)
+    expect_wakeup(hvm, 126, "state 11, IF = 0, MSI pending")
+
+
+@pytest.mark.catalog(127)
+def test_wakeup_keeps_state_registers_and_the_pending_vector(vm, series):
+    hvm = inactive_vtl(vm, series, 127)
+    before = hvm.vcpu.get_regs()
+    send_msi(vm)
+    expect_wakeup(hvm, 127, "state 11, MSI pending")
+    after = hvm.vcpu.get_regs()
+    got = hvm.vcpu.get_mp_state()
+    assert got == (INACTIVE_VTL, 0), f"catalog 127: after WAKEUP KVM_GET_MP_STATE read {state_name(got[0])}, expected 11"
+    assert (after.rip, after.rflags) == (before.rip, before.rflags), \
+        (f"catalog 127: RIP/RFLAGS {after.rip:#x}/{after.rflags:#x} after WAKEUP, expected unchanged "
+         f"{before.rip:#x}/{before.rflags:#x}")
+    assert hyperv.irr_pending(hvm.vcpu, MSI_VECTOR), f"catalog 127: vector {MSI_VECTOR:#x} no longer pending in the IRR"
+
+
+@pytest.mark.catalog(128)
+def test_reentering_inactive_vtl_wakes_again(vm, series):
+    hvm = inactive_vtl(vm, series, 128)
+    send_msi(vm)
+    expect_wakeup(hvm, 128, "first KVM_RUN")
+    expect_wakeup(hvm, 128, "second KVM_RUN without changing the state")
+
+
+@pytest.mark.catalog(129)
+def test_halted_with_if0_keeps_blocking_on_a_pending_msi(vm):
+    """Control case, same on both kernels: a HALTED vCPU with IF = 0 does not wake for a pending interrupt, so
+    only the watchdog's signal (EINTR) ends KVM_RUN."""
+    hvm = hyperv.build(vm, VSM)
+    set_state(hvm.vcpu, uapi.KVM_MP_STATE_HALTED, 129)
+    send_msi(vm)
+    ex = hvm.vcpu.run(1.0)
+    assert ex.timed_out and ex.errno == errno.EINTR, \
+        f"catalog 129: HALTED with IF = 0 and an MSI pending returned: {hvm.machine.describe()}"
+    got = hvm.vcpu.get_mp_state()
+    assert got == (uapi.KVM_MP_STATE_HALTED, 0), f"catalog 129: state {state_name(got[0])} after the signal"
+
+
+@pytest.mark.catalog(130)
+def test_inactive_vtl_blocks_until_an_msi_from_another_thread(vm, series):
+    hvm = inactive_vtl(vm, series, 130)
+    sent = threading.Event()
+    result: list[tuple[int, int]] = []
+
+    def sender() -> None:
+        time.sleep(0.5)   # give the vCPU time to block; the assertion below is on order, not on time
+        sent.set()
+        result.append(vm.signal_msi(MSI_ADDRESS, MSI_VECTOR))
+
+    thread = threading.Thread(target=sender, name="msi-sender")
+    thread.start()
+    try:
+        expect_wakeup(hvm, 130, "state 11, MSI sent from another thread")
+        assert sent.is_set(), "catalog 130: KVM_RUN returned before the MSI was sent: state 11 did not block"
+    finally:
+        thread.join()
+    assert result and result[0][0] > 0, f"catalog 130: KVM_SIGNAL_MSI from the sender thread: {result}"
+
+
+@pytest.mark.catalog(131)
+def test_pending_nmi_wakes_inactive_vtl(vm, series):
+    hvm = inactive_vtl(vm, series, 131)
+    assert hvm.vcpu.nmi() == (0, 0), "catalog 131: KVM_NMI failed"
+    expect_wakeup(hvm, 131, "state 11, NMI pending")
+
+
+@pytest.mark.catalog(132)
+def test_expiring_lapic_timer_wakes_inactive_vtl(vm, series):
+    hvm = inactive_vtl(vm, series, 132)
+    regs = bytearray(hvm.vcpu.get_lapic())
+    for reg, value in ((APIC_LVTT, TIMER_VECTOR), (APIC_TDCR, TDCR_DIVIDE_BY_1), (APIC_TMICT, TIMER_COUNT),
+                       (APIC_TMCCT, TIMER_COUNT)):   # one-shot, unmasked; KVM_SET_LAPIC restarts from TMCCT
+        struct.pack_into("<I", regs, reg, value)
+    hvm.vcpu.set_lapic(bytes(regs))
+    expect_wakeup(hvm, 132, "state 11, one-shot LAPIC timer of 50 ms")
+    assert hyperv.irr_pending(hvm.vcpu, TIMER_VECTOR), f"catalog 132: timer vector {TIMER_VECTOR:#x} not in the IRR"
+
+
+@pytest.mark.catalog(133)
+def test_runnable_with_if1_takes_the_pending_interrupt(vm, series):
+    hvm = inactive_vtl(vm, series, 133)
+    send_msi(vm)
+    expect_wakeup(hvm, 133, "state 11, MSI pending")
+    set_state(hvm.vcpu, uapi.KVM_MP_STATE_RUNNABLE, 133)
+    regs = hvm.vcpu.get_regs()
+    regs.rip, regs.rflags = hvm.machine.sym("_start"), regs.rflags | guest.RFLAGS_IF
+    hvm.vcpu.set_regs(regs)
+    hvm.machine.run_until(guest.UCALL_DONE)
+    assert hvm.machine.irq_count(MSI_VECTOR) == 1, \
+        f"catalog 133: the guest's handler counted vector {MSI_VECTOR:#x} {hvm.machine.irq_count(MSI_VECTOR)} times"
+
+
+@pytest.mark.catalog(134)
+def test_wakeup_exit_leaves_system_event_data_unwritten(vm, series):
+    """Observed v1 behaviour the patch does not promise: userspace must not read ndata/data[] on WAKEUP."""
+    hvm = inactive_vtl(vm, series, 134)
+    event = hvm.vcpu.run_struct.x.system_event
+    event.ndata = SENTINEL32
+    for i in range(16):
+        event.data[i] = SENTINEL64
+    send_msi(vm)
+    expect_wakeup(hvm, 134, "state 11, MSI pending")
+    data = [event.data[i] for i in range(16)]
+    assert event.ndata == SENTINEL32 and data == [SENTINEL64] * 16, \
+        f"catalog 134: WAKEUP wrote system_event: ndata {event.ndata:#x}, data {[hex(d) for d in data]}"
+
+
+@pytest.mark.catalog(135)
+def test_clearing_the_vsm_bit_withdraws_inactive_vtl(vm, series):
+    """api.rst: the guest CPUID's VSM bit is what makes state 11 available; a new KVM_SET_CPUID2 before the first
+    KVM_RUN without it makes KVM_SET_MP_STATE(11) fail again."""
+    patched = series.patched("mp_inactive_vtl")
+    hvm = hyperv.build(vm, VSM)
+    first = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    assert first == ((0, 0) if patched else (-1, errno.EINVAL)), \
+        f"catalog 135: with the VSM bit KVM_SET_MP_STATE(11) gave {first[0]}/{uapi.errno_name(first[1])}"
+    set_state(hvm.vcpu, uapi.KVM_MP_STATE_RUNNABLE, 135)
+    hvm.vcpu.set_cpuid(hyperv.hv_cpuid(vm.kvm, hvm.vcpu, hyperv.CpuidBits(ebx_clear=hvtlfs.HV_ACCESS_VSM)))
+    ret, err = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    assert (ret, err) == (-1, errno.EINVAL), \
+        f"catalog 135: after clearing the VSM bit KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}, expected EINVAL"

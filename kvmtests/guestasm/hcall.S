@@ -1,6 +1,8 @@
 /* Hyper-V hypercalls from a 64-bit CPL0 guest. The host sets RCX/RDX/R8 (and a RAX sentinel) and
  * the XMM input area; the guest loads XMM0-5 from it, issues the hypercall, stores XMM0-5 to the
- * output area and syncs RAX (stage 1). A #UD is reported by the exception handler. */
+ * output area and syncs RAX (stage 1, with RCX as the next argument: KVM never writes RCX, so an
+ * unchanged RCX shows that the guest resumed exactly after the 3-byte VMCALL/VMMCALL, whose tail
+ * bytes would add into ECX). A #UD is reported by the exception handler. */
 .include "common.inc"
 
 .set XMM_IN, UCALL_GPA + 0x800
@@ -36,6 +38,7 @@ hcall_vmcall_insn:
 .globl hcall_vmcall_after
 hcall_vmcall_after:
 	call store_xmm
+	movq %rcx, UCALL_ARG2
 	GUEST_SYNC 1
 	GUEST_DONE
 
@@ -48,6 +51,7 @@ hcall_vmmcall_insn:
 .globl hcall_vmmcall_after
 hcall_vmmcall_after:
 	call store_xmm
+	movq %rcx, UCALL_ARG2
 	GUEST_SYNC 1
 	GUEST_DONE
 

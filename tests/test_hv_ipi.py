@@ -1,0 +1,204 @@
+"""VTL-aware PV IPIs: SendSyntheticClusterIpi (0x0B) and ...Ex (0x15) with in_vtl (catalog 111-122).
+
+vCPU 0 sends, VP 1 (vCPU 1, never run) is the target; delivery is read from vCPU 1's LAPIC IRR."""
+import struct
+from dataclasses import dataclass
+
+import pytest
+
+from kvmtests import hvtlfs, hyperv
+from kvmtests.hvtlfs import status_name
+from kvmtests.hyperv import CpuidBits
+
+VECTOR, BAD_VECTOR = 0x30, 0x05
+TARGET = 1
+USE_VTL = hvtlfs.HV_INPUT_VTL_USE_TARGET_VTL
+VSM, NON_VSM = CpuidBits(ebx_set=hvtlfs.HV_ACCESS_VSM), CpuidBits(ebx_clear=hvtlfs.HV_ACCESS_VSM)
+VARIANTS = ["fast-0x0b", "slow-0x0b", "fast-0x15", "slow-0x15"]
+UNTOUCHED_XMM = [(0, 0)] * 6
+
+
+@dataclass
+class Ipi:
+    """One IPI hypercall: control word, RDX, R8, guest XMM0-5, and the slow input (at hyperv.INPUT_GPA)."""
+
+    control: int
+    rdx: int
+    r8: int
+    xmm: list
+    slow_input: bytes = b""
+
+
+def ipi(variant: str, in_vtl: int, vector: int = VECTOR, **ctl: int) -> Ipi:
+    """Target VP 1 with `vector`; 0x15 uses a sparse VP set with one bank (var-header size 1)."""
+    fast, ex = variant.startswith("fast"), variant.endswith("0x15")
+    if not ex:
+        code = hvtlfs.control(hvtlfs.HVCALL_SEND_IPI, fast=fast, **ctl)
+        if fast:
+            return Ipi(code, vector | in_vtl << 32, 1 << TARGET, UNTOUCHED_XMM)
+        # struct hv_send_ipi (catalog 136): vector, in_vtl, reserved[3], cpu_mask
+        return Ipi(code, hyperv.INPUT_GPA, 0, UNTOUCHED_XMM, struct.pack("<IB3xQ", vector, in_vtl, 1 << TARGET))
+    code = hvtlfs.control(hvtlfs.HVCALL_SEND_IPI_EX, fast=fast, **{"varhead": 1, **ctl})
+    if fast:
+        # fast Ex: RDX = vector | in_vtl << 32, R8 = format, XMM0 = (valid_bank_mask, bank 0)
+        xmm = [(1, 1 << TARGET)] + UNTOUCHED_XMM[1:]
+        return Ipi(code, vector | in_vtl << 32, hvtlfs.HV_GENERIC_SET_SPARSE_4K, xmm)
+    # struct hv_send_ipi_ex (catalog 137): vector, in_vtl, reserved[3], format, valid_bank_mask, bank_contents[]
+    body = struct.pack("<IB3xQQQ", vector, in_vtl, hvtlfs.HV_GENERIC_SET_SPARSE_4K, 1, 1 << TARGET)
+    return Ipi(code, hyperv.INPUT_GPA, 0, UNTOUCHED_XMM, body)
+
+
+def send(vm, cpuid: CpuidBits, req: Ipi) -> tuple[hyperv.HvMachine, hyperv.Outcome]:
+    hvm = hyperv.build(vm, cpuid, vcpus=2)
+    if req.slow_input:
+        hvm.machine.mem.write(hyperv.INPUT_GPA, req.slow_input)
+    return hvm, hyperv.hypercall(hvm, req.control, req.rdx, req.r8, xmm=req.xmm)
+
+
+def delivered(hvm: hyperv.HvMachine) -> bool:
+    return hyperv.irr_pending(hvm.machine.vcpus[TARGET], VECTOR)
+
+
+def expect_vtl_exit(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int, req: Ipi) -> None:
+    assert out.exited, f"catalog {n}: expected KVM_EXIT_HYPERV/HCALL for userspace to route the IPI, got {out}"
+    assert (out.input, out.params) == (req.control, (req.rdx, req.r8)), \
+        (f"catalog {n}: exit input {out.input:#x} params {out.params[0]:#x} {out.params[1]:#x}, expected the "
+         f"unchanged {req.control:#x} {req.rdx:#x} {req.r8:#x}")
+    assert not delivered(hvm), f"catalog {n}: vector {VECTOR:#x} reached VP {TARGET} although the IPI went to userspace"
+
+
+def expect_in_kernel(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int) -> None:
+    assert out.completed and out.rax == hvtlfs.HV_STATUS_SUCCESS, \
+        f"catalog {n}: expected the IPI handled in the kernel with RAX 0 (SUCCESS), got {out}"
+    assert delivered(hvm), f"catalog {n}: RAX 0 but vector {VECTOR:#x} is not pending in VP {TARGET}'s IRR"
+
+
+def expect_rejected(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int) -> None:
+    want = status_name(hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT)
+    assert out.completed and out.rax == hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT, \
+        f"catalog {n}: expected no exit and RAX {want}, got {out}"
+    assert not delivered(hvm), f"catalog {n}: rejected IPI still left vector {VECTOR:#x} pending in VP {TARGET}"
+
+
+@pytest.mark.catalog(111)
+def test_fast_ipi_with_use_target_vtl_exits(vm, series):
+    """Fast 0x0B (input 0x1000B), RDX = 0x30 | 1 << 36 (use_target_vtl), R8 = VP mask."""
+    req = ipi("fast-0x0b", USE_VTL)
+    hvm, out = send(vm, VSM, req)
+    if series.patched("vtl_ipi"):
+        expect_vtl_exit(hvm, out, 111, req)
+    else:
+        expect_rejected(hvm, out, 111)
+
+
+@pytest.mark.catalog(112)
+def test_fast_ipi_with_target_vtl_but_no_use_bit_is_handled_in_kernel(vm, series):
+    hvm, out = send(vm, VSM, ipi("fast-0x0b", 0x0F))
+    if series.patched("vtl_ipi"):
+        expect_in_kernel(hvm, out, 112)
+    else:
+        expect_rejected(hvm, out, 112)
+
+
+@pytest.mark.catalog(113)
+@pytest.mark.parametrize("bit", [40, 63])
+def test_fast_ipi_reserved_rdx_bits_are_rejected(vm, bit):
+    """Same on both kernels: with VSM only bits 32-39 (in_vtl) became valid; 40-63 stay reserved."""
+    req = ipi("fast-0x0b", 0)
+    req.rdx |= 1 << bit
+    expect_rejected(*send(vm, VSM, req), 113)
+
+
+@pytest.mark.catalog(114)
+def test_fast_ipi_in_vtl_without_vsm_is_rejected(vm):
+    """Same on both kernels: without the VSM bit RDX bits 32-63 are all reserved."""
+    expect_rejected(*send(vm, NON_VSM, ipi("fast-0x0b", USE_VTL)), 114)
+
+
+@pytest.mark.catalog(115)
+def test_slow_ipi_with_use_target_vtl_exits(vm, series):
+    req = ipi("slow-0x0b", USE_VTL)
+    hvm, out = send(vm, VSM, req)
+    if series.patched("vtl_ipi"):
+        expect_vtl_exit(hvm, out, 115, req)
+    else:
+        expect_in_kernel(hvm, out, 115)
+
+
+SLOW_IPI_WITHOUT_VSM_REASON = ("catalog 116 (known v1 deviation, reviewed as a bug [RS04]): a non-VSM vCPU's slow "
+                               "SendSyntheticClusterIpi with use_target_vtl exits to userspace with input 0xB; "
+                               "intended: in-kernel handling or status 3")
+
+
+@pytest.mark.catalog(116)
+def test_slow_ipi_use_target_vtl_without_vsm_stays_in_kernel(vm, series, request):
+    """Intent: without VSM the bit is ignored (handled as before) or rejected (status 3), never an exit."""
+    patched = series.patched("vtl_ipi")
+    if patched:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=SLOW_IPI_WITHOUT_VSM_REASON))
+    hvm, out = send(vm, NON_VSM, ipi("slow-0x0b", USE_VTL))
+    if patched and out.completed and out.rax == hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT:
+        expect_rejected(hvm, out, 116)
+    else:
+        expect_in_kernel(hvm, out, 116)
+
+
+@pytest.mark.catalog(117)
+def test_fast_ipi_ex_with_use_target_vtl_exits_with_xmm(vm, series):
+    req = ipi("fast-0x15", USE_VTL)
+    hvm, out = send(vm, VSM, req)
+    if not series.patched("vtl_ipi"):
+        expect_in_kernel(hvm, out, 117)
+        return
+    expect_vtl_exit(hvm, out, 117, req)
+    assert out.xmm and out.xmm[0][0] == 1, \
+        f"catalog 117: hcall.xmm[0].low {out.xmm[0][0] if out.xmm else None}, expected valid_bank_mask 1 from XMM0"
+
+
+@pytest.mark.catalog(118)
+def test_slow_ipi_ex_with_use_target_vtl_exits(vm, series):
+    req = ipi("slow-0x15", USE_VTL)
+    hvm, out = send(vm, VSM, req)
+    if series.patched("vtl_ipi"):
+        expect_vtl_exit(hvm, out, 118, req)
+    else:
+        expect_in_kernel(hvm, out, 118)
+
+
+@pytest.mark.catalog(119)
+@pytest.mark.parametrize("variant", ["fast-0x15", "slow-0x15"])
+def test_ipi_ex_use_target_vtl_without_vsm_is_ignored(vm, variant):
+    """Same on both kernels: without the VSM bit 0x15 ignores in_vtl and delivers the IPI."""
+    expect_in_kernel(*send(vm, NON_VSM, ipi(variant, USE_VTL)), 119)
+
+
+@pytest.mark.catalog(120)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vtl_exit_precedes_the_vector_check(vm, series, variant):
+    req = ipi(variant, USE_VTL, vector=BAD_VECTOR)
+    hvm, out = send(vm, VSM, req)
+    if series.patched("vtl_ipi"):
+        expect_vtl_exit(hvm, out, 120, req)
+    else:
+        expect_rejected(hvm, out, 120)
+
+
+@pytest.mark.catalog(121)
+@pytest.mark.parametrize("variant,ctl", [("fast-0x0b", {"varhead": 1}), ("fast-0x0b", {"rep_count": 1}),
+                                         ("fast-0x15", {"rep_count": 1})],
+                         ids=["0x0b-varhead", "0x0b-rep", "0x15-rep"])
+def test_dispatcher_checks_precede_the_vtl_exit(vm, variant, ctl):
+    """Same on both kernels: 0x0B takes no variable header and neither code is a rep call: status 3 first."""
+    expect_rejected(*send(vm, VSM, ipi(variant, USE_VTL, **ctl)), 121)
+
+
+@pytest.mark.catalog(122)
+def test_vtl_ipi_completion(vm, series):
+    series.require("vtl_ipi")
+    req = ipi("fast-0x0b", USE_VTL)
+    hvm, out = send(vm, VSM, req)
+    expect_vtl_exit(hvm, out, 122, req)
+    out = hyperv.complete(hvm, hvtlfs.HV_STATUS_SUCCESS)
+    assert out.completion is not None and out.completion[:2] == (hvm.insn + 3, 0), \
+        f"catalog 122: RIP/RAX after completion {out.completion}, expected {hvm.insn + 3:#x} and 0"
+    assert out.completed and out.rax == 0 and out.rcx == req.control, f"catalog 122: the guest resumed with {out}"
