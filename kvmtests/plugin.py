@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
 from . import features, health, probe
 from . import report as results
-from .kvm import Kvm, Unavailable
+from .kvm import Kvm, Unavailable, dev_kvm_path
 
 REQUIRE_ENV = "KVMTESTS_REQUIRE"
 _results = pytest.StashKey[dict]()
@@ -93,10 +94,23 @@ _watch = pytest.StashKey[tuple[health.Watch, set[str]]]()
 def pytest_runtest_setup(item: pytest.Item) -> object:
     if _needs_kvm(item):
         item.stash[_watch] = (health.Watch(), _kvm_fds())
-    reason = item.config.stash.get(_device_skip, None)
-    if reason and _needs_kvm(item):
-        raise Unavailable(reason)
-    return (yield)
+        reason = item.config.stash.get(_device_skip, None)
+        if reason:
+            raise pytest.skip.Exception(reason, _use_item_location=True)
+    return (yield from _skip_unavailable())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> object:
+    return (yield from _skip_unavailable())
+
+
+def _skip_unavailable() -> Generator[None, object, object]:
+    """A missing precondition (Unavailable) is a skip at the test's location, not a failure to format."""
+    try:
+        return (yield)
+    except Unavailable as e:
+        raise pytest.skip.Exception(str(e), _use_item_location=True) from None
 
 
 @pytest.hookimpl(wrapper=True)
@@ -119,12 +133,9 @@ def pytest_runtest_teardown(item: pytest.Item) -> object:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
     rep = yield
-    if call.excinfo is not None and call.excinfo.errisinstance(Unavailable):
-        reason = str(call.excinfo.value)
-        where = item.config.stash.get(_device_skip, None) == reason
-        path, line = (Path(item.config.rootpath, "kvmtests/kvm.py"), 0) if where else (item.path, item.location[1])
-        rep.outcome = "skipped"
-        rep.longrepr = (str(path), (line or 0) + 1, f"Skipped: {reason}")
+    reason = item.config.stash.get(_device_skip, None)
+    if reason and rep.skipped and isinstance(rep.longrepr, tuple) and rep.longrepr[2] == f"Skipped: {reason}":
+        rep.longrepr = (dev_kvm_path(), 0, rep.longrepr[2])  # one line for the whole run, not one per test
     return rep
 
 
