@@ -30,11 +30,7 @@ VALID_UPSTREAM_PRIVATE = frozenset({0x0, 0x8})
 
 def attr_names(value: int) -> str:
     """Decode an attribute value for messages."""
-    names = [n for n, b in (("NR", 1), ("NW", 2), ("NX", 4), ("PRIVATE", 8)) if value & b]
-    rest = value & ~0xF
-    if rest:
-        names.append(hex(rest))
-    return "|".join(names) or "0"
+    return uapi.bit_names(value, (("NR", 1), ("NW", 2), ("NX", 4), ("PRIVATE", 8)))
 
 
 def valid_values(patched: bool, private_vm: bool) -> frozenset[int]:

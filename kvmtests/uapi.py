@@ -416,13 +416,22 @@ def madvise(ptr: object, length: int, advice: int) -> int:
     return ffi.errno if _libc.madvise(ptr, length, advice) != 0 else 0
 
 
+def bit_names(value: int, names: tuple[tuple[str, int], ...]) -> str:
+    """Decode a flags word into NAME|NAME|0xrest for failure messages."""
+    known = 0
+    words = []
+    for name, bit in names:
+        known |= bit
+        if value & bit:
+            words.append(name)
+    if value & ~known:
+        words.append(hex(value & ~known))
+    return "|".join(words) or "0"
+
+
 def memory_fault_flag_names(flags: int) -> str:
-    """Decode memory_fault.flags for failure messages."""
-    names = [n for n, b in (("READ", 1), ("WRITE", 2), ("EXEC", 4), ("PRIVATE", 8)) if flags & b]
-    rest = flags & ~0xF
-    if rest:
-        names.append(hex(rest))
-    return "|".join(names) or "0"
+    """Decode memory_fault.flags."""
+    return bit_names(flags, (("READ", 1), ("WRITE", 2), ("EXEC", 4), ("PRIVATE", 8)))
 
 
 def exit_name(reason: int) -> str:
