@@ -47,7 +47,7 @@ def test_default_suite_repeats_with_identical_outcomes(tmp_path):
     for seed in range(REPEATS):
         out = tmp_path / f"run{seed}.json"
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "auto", "--shuffle", str(seed),
-                        f"--kvmtests-json={out}", "-p", "no:cacheprovider"], cwd=root, capture_output=True)
+                        f"--kvmtests-json={out}", "-p", "no:cacheprovider"], cwd=root, capture_output=True, timeout=600)
         runs.append({t["nodeid"]: t["outcome"] for t in json.loads(out.read_text())["tests"]})
     for seed, run in enumerate(runs[1:], 1):
         differing = {k: (runs[0].get(k), run.get(k)) for k in set(run) | set(runs[0]) if run.get(k) != runs[0].get(k)}
