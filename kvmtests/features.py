@@ -200,6 +200,15 @@ def detect_all() -> dict[str, Detection]:
     return {key: detect(key) for key in GROUPS}
 
 
+# Which groups' behaviour each advertised KVM_GET_SUPPORTED_HV_CPUID bit announces (api.rst 10.1-10.4).
+BIT_ANNOUNCES = {
+    "HV_ACCESS_VSM": ("vsm_hcalls", "mp_inactive_vtl", "vtl_ipi"),
+    "HV_ACCESS_VP_REGISTERS": ("hv_exits",),
+    "HV_START_VIRTUAL_PROCESSOR": ("hv_exits",),
+    "HV_X64_HYPERCALL_XMM_OUTPUT_AVAILABLE": ("xmm_output",),
+}
+
+
 def partial_backport(detections: dict[str, Detection]) -> list[str]:
     """Findings that only a partial backport explains, in words."""
     findings = []
@@ -209,11 +218,13 @@ def partial_backport(detections: dict[str, Detection]) -> list[str]:
     if present and len(present) < len(known):
         findings.append(f"partial series: present {', '.join(present)}; absent "
                         f"{', '.join(k for k in known if states[k] == ABSENT)}")
-    advertised = advertised_hv_bits()
-    if advertised.get("HV_ACCESS_VSM") and states.get("mp_inactive_vtl") == ABSENT:
-        findings.append("VSM CPUID bit (0x40000003 EBX 16) advertised, but KVM_SET_MP_STATE(11) is refused")
-    if advertised.get("HV_ACCESS_VSM") and states.get("vsm_hcalls") == ABSENT:
-        findings.append("VSM CPUID bit advertised, but VtlCall (0x11) does not exit to userspace")
+    for bit, advertised in advertised_hv_bits().items():
+        for group in BIT_ANNOUNCES[bit]:
+            if advertised and states.get(group) == ABSENT:
+                findings.append(f"{bit} advertised in KVM_GET_SUPPORTED_HV_CPUID, but {group} is absent: "
+                                f"{detections[group].how}")
+            if not advertised and states.get(group) == PRESENT:
+                findings.append(f"{group} is present, but KVM_GET_SUPPORTED_HV_CPUID does not advertise {bit}")
     return findings
 
 

@@ -113,3 +113,26 @@ def test_plugin_without_kvm_device_gates_and_summarises(pytester, workers):
     outcomes = {t["nodeid"].split("::")[1]: t["outcome"] for t in doc["tests"]}
     assert outcomes == {"test_needs_kvm": "skipped", "test_layout": "passed"}
     assert doc["coverage"]["covered"] == [1, 16]
+
+
+def test_partial_backport_is_named(monkeypatch):
+    """Some groups present and others absent, or a CPUID bit advertised without its behaviour."""
+    detections = {k: Detection(k, features.ABSENT, f"probe for {k}") for k in features.GROUPS}
+    detections["hv_exits"] = Detection("hv_exits", features.PRESENT, "0x50 exits")
+    detections["vtl_ipi"] = Detection("vtl_ipi", features.UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
+    monkeypatch.setattr(features, "advertised_hv_bits", lambda: {
+        "HV_ACCESS_VSM": True, "HV_ACCESS_VP_REGISTERS": False, "HV_START_VIRTUAL_PROCESSOR": True,
+        "HV_X64_HYPERCALL_XMM_OUTPUT_AVAILABLE": False})
+    findings = features.partial_backport(detections)
+    assert findings[0].startswith("partial series: present hv_exits; absent xmm_output, mp_inactive_vtl")
+    assert "HV_ACCESS_VSM advertised in KVM_GET_SUPPORTED_HV_CPUID, but mp_inactive_vtl is absent: " \
+           "probe for mp_inactive_vtl" in findings
+    assert not any("vtl_ipi is absent" in f for f in findings), "an undetectable group is no finding"
+    assert "hv_exits is present, but KVM_GET_SUPPORTED_HV_CPUID does not advertise HV_ACCESS_VP_REGISTERS" in findings
+    assert not any("HV_START_VIRTUAL_PROCESSOR" in f for f in findings), "advertised and present agree"
+
+
+def test_whole_series_or_nothing_is_no_finding(monkeypatch):
+    monkeypatch.setattr(features, "advertised_hv_bits", lambda: {})
+    for state in (features.PRESENT, features.ABSENT):
+        assert features.partial_backport({k: Detection(k, state, "") for k in features.GROUPS}) == []
