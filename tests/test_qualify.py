@@ -157,8 +157,8 @@ def test_run_qemu_records_marks_log_and_lines(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("script, timeout, boot_timeout, phase", [
-    ("print('booting', flush=True); time.sleep(60)", 60, 0.7, "boot"),
-    ("print('@@kvmtests@@ suite-start 1.0', flush=True); time.sleep(60)", 1.5, 60, "suite"),
+    ("print('booting', flush=True); time.sleep(60)", 60, 0.4, "boot"),
+    ("print('@@kvmtests@@ suite-start 1.0', flush=True); time.sleep(60)", 0.8, 60, "suite"),
 ])
 def test_run_qemu_kills_at_deadline(tmp_path: Path, script: str, timeout: float, boot_timeout: float,
                                     phase: str) -> None:
