@@ -87,28 +87,37 @@ def _tracepoints(kvm: Kvm) -> Detection:
     if root is None:
         return Detection("attr_tracepoints", UNKNOWN, "tracefs is not mounted")
     names = [tracefs.SET_ATTRS_EVENT, tracefs.FAULTIN_EVENT]
-    found = [n for n in names if os.path.isdir(os.path.join(root, "events", n))]
-    state = PRESENT if len(found) == 2 else ABSENT
-    return Detection("attr_tracepoints", state, f"tracefs events present: {', '.join(found) or 'neither'}")
+    found = [n for n in names if tracefs.series_event(n)]
+    how = f"tracefs events with the series' fields: {', '.join(found) or 'neither'}"
+    if tracefs.SET_ATTRS_EVENT not in found and os.path.isdir(os.path.join(root, "events", tracefs.SET_ATTRS_EVENT)):
+        how += f" ({tracefs.SET_ATTRS_EVENT} exists with another layout: upstream's event of that name, not P17's)"
+    return Detection("attr_tracepoints", PRESENT if len(found) == 2 else ABSENT, how)
 
 
 @functools.cache
 def _fault_probe() -> tuple[int, int, str] | str:
     """One memory-fault exit: (flags, byte 56 after a 0xA5 sentinel, how) or why none could be made."""
+    failed = []
     with Kvm() as kvm:
         if _attributes(kvm).present:
             with kvm.create_vm() as vm:
                 m = guest.build(vm, guest.load_payload("probe"), entry="write_data")
                 vm.set_memory_attributes(guest.DATA_GPA, 0x1000, uapi.KVM_MEMORY_ATTRIBUTE_NW)
-                return _fault_exit(m, "write to an NW page")
+                got = _fault_exit(m, "write to an NW page")
+            if not isinstance(got, str):
+                return got
+            failed.append(got)   # e.g. P15 without P16: try the private-page exit instead
         types = kvm.check_extension(uapi.KVM_CAP_VM_TYPES)
         if types & (1 << uapi.KVM_X86_SW_PROTECTED_VM):
             with kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as vm:
                 m = guest.build(vm, guest.load_payload("probe"), entry="read_data")
                 vm.set_memory_attributes(guest.DATA_GPA, 0x1000, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-                return _fault_exit(m, "read of a PRIVATE page without guest_memfd (SW_PROTECTED VM)")
-    return ("no memory-fault exit can be made: RWX attributes absent and no KVM_X86_SW_PROTECTED_VM "
-            "(CONFIG_KVM_SW_PROTECTED_VM)")
+                got = _fault_exit(m, "read of a PRIVATE page without guest_memfd (SW_PROTECTED VM)")
+            if not isinstance(got, str):
+                return got
+            failed.append(got)
+    return "; ".join(failed) or ("no memory-fault exit can be made: RWX attributes absent and no "
+                                 "KVM_X86_SW_PROTECTED_VM (CONFIG_KVM_SW_PROTECTED_VM)")
 
 
 def _fault_exit(m: guest.Machine, what: str) -> tuple[int, int, str] | str:
@@ -156,6 +165,34 @@ XMM_PATTERN = [(0x1111111111111111 * (i + 1), 0x0101010101010101 * (i + 0x10)) f
 VSM = hyperv.CpuidBits(ebx_set=hvtlfs.HV_ACCESS_VSM)
 
 
+# XMM-fast codes that the series makes exit (P06, P07, P18): P01's capture is observable only through one of them.
+XMM_PROBE_CODES = (hvtlfs.HVCALL_GET_VP_REGISTERS, hvtlfs.HVCALL_TRANSLATE_VIRTUAL_ADDRESS,
+                   hvtlfs.HVCALL_MODIFY_VTL_PROTECTION_MASK)
+
+
+def _xmm_output(kvm: Kvm) -> Detection:
+    """P01 shows only through a fast exit of P06/P07/P18: with none, EDX bit 15 advertised means unknown, not absent."""
+    if not kvm.check_extension(uapi.KVM_CAP_HYPERV):
+        return Detection("xmm_output", UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
+    seen = []
+    for code in XMM_PROBE_CODES:
+        with kvm.create_vm() as vm:
+            out = hyperv.hypercall(hyperv.build(vm), hvtlfs.control(code, fast=True), 0, 0, xmm=XMM_PATTERN)
+        what = f"fast {code:#06x} with XMM0-5 loaded"
+        if out.exited:
+            captured = out.xmm == XMM_PATTERN
+            return Detection("xmm_output", PRESENT if captured else ABSENT,
+                             f"{what}: {out}, hcall.xmm {'captured' if captured else 'not written'}")
+        if not out.completed:
+            return Detection("xmm_output", UNKNOWN, f"{what}: {out}")
+        seen.append(f"{code:#06x}")
+    how = f"no fast XMM-fast code of the series exits ({', '.join(seen)} complete in the kernel)"
+    if advertised_hv_bits().get("HV_X64_HYPERCALL_XMM_OUTPUT_AVAILABLE"):
+        return Detection("xmm_output", UNKNOWN, f"{how}, yet 0x40000003 EDX bit 15 (XMM output) is advertised: "
+                                                "P01 without P06/P07/P18 cannot be observed")
+    return Detection("xmm_output", ABSENT, f"{how} and 0x40000003 EDX bit 15 (XMM output) is not advertised")
+
+
 def _mp_state(kvm: Kvm) -> Detection:
     if not kvm.check_extension(uapi.KVM_CAP_HYPERV):
         return Detection("mp_inactive_vtl", UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
@@ -175,10 +212,7 @@ PROBES: dict[str, Callable[[Kvm], Detection]] = {
                           lambda o: o.exited, "slow GetVpRegisters (0x50)"),
     "vsm_hcalls": _hv_probe("vsm_hcalls", hyperv.CpuidBits(), hvtlfs.HVCALL_VTL_CALL, 0, 0, None,
                             lambda o: o.exited, "slow VtlCall (0x11)"),
-    "xmm_output": _hv_probe("xmm_output", hyperv.CpuidBits(),
-                            hvtlfs.control(hvtlfs.HVCALL_GET_VP_REGISTERS, fast=True), 0, 0, XMM_PATTERN,
-                            lambda o: o.exited and o.xmm == XMM_PATTERN,
-                            "fast GetVpRegisters with XMM0-5 loaded, hcall.xmm captured"),
+    "xmm_output": _xmm_output,
     "vtl_ipi": _hv_probe("vtl_ipi", VSM, hvtlfs.control(hvtlfs.HVCALL_SEND_IPI, fast=True),
                          0x30 | (1 << 36), 1, None, lambda o: o.exited,
                          "VSM vCPU, fast SendSyntheticClusterIpi with use_target_vtl"),

@@ -19,10 +19,11 @@ def code_param(code: int, *numbers: int, suffix: str = "", values: tuple = ()) -
                         id=f"{code:#06x}{suffix}")
 
 
-def expect_exit(out: hyperv.Outcome, n: int, ctl: int, rdx: int = RDX, r8: int = R8) -> None:
+def expect_exit(out: hyperv.Outcome, n: int, ctl: int, rdx: int = RDX, r8: int = R8,
+                params_n: int | None = None) -> None:
     assert out.exited, f"catalog {n}: control {ctl:#x}: expected KVM_EXIT_HYPERV/HCALL, got {out}"
     assert out.input == ctl, f"catalog {n}: hcall.input {out.input:#x}, expected the full control word {ctl:#x}"
-    assert out.params == (rdx, r8), (f"catalog {n}: hcall.params {out.params[0]:#x} {out.params[1]:#x}, "
+    assert out.params == (rdx, r8), (f"catalog {params_n or n}: hcall.params {out.params[0]:#x} {out.params[1]:#x}, "
                                      f"expected RDX {rdx:#x} and R8 {r8:#x}")
 
 
@@ -97,7 +98,7 @@ def test_exit_carries_control_word_and_params(vm, series, code):
     """hcall.input is the whole RCX (rep count/start and var-header bits included); params are RDX and R8."""
     series.require(hyperv.code_group(code))
     ctl = control(code, **FULL_CONTROL)
-    expect_exit(hyperv.hypercall(hyperv.build(vm), ctl, RDX, R8), 81, ctl)
+    expect_exit(hyperv.hypercall(hyperv.build(vm), ctl, RDX, R8), 81, ctl, params_n=82)
 
 
 @pytest.mark.parametrize("code,field", [
@@ -162,10 +163,16 @@ VTL_CALL_RESERVED_REASON = ("catalog 88 (known v1 deviation): a reserved control
 @pytest.mark.group("vsm_hcalls")
 def test_reserved_control_bit_with_vtl_call_returns_status_3(vm, series, request):
     """Intent and upstream agree on status 3; v1 computes it but, taking 0x11 from the control word, never writes it."""
-    if series.patched("vsm_hcalls"):
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=VTL_CALL_RESERVED_REASON))
+    patched = series.patched("vsm_hcalls")
+    if patched:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=hyperv.KnownDeviation,
+                                              reason=VTL_CALL_RESERVED_REASON))
     ctl = hvtlfs.HVCALL_VTL_CALL | 1 << 27
-    expect_status(hyperv.hypercall(hyperv.build(vm), ctl, RDX, R8), 88, hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT, ctl)
+    out = hyperv.hypercall(hyperv.build(vm), ctl, RDX, R8)
+    if patched and out.completed and out.rax == RAX_SENTINEL and out.rcx == ctl:
+        raise hyperv.KnownDeviation(f"catalog 88: control {ctl:#x}: {out}, RIP advanced; expected RAX "
+                                    f"{status_name(hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT)}")
+    expect_status(out, 88, hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT, ctl)
 
 
 @pytest.mark.catalog(95)
@@ -206,11 +213,15 @@ def fmt(xmm: list) -> str:
 
 @pytest.mark.catalog(97)
 def test_fast_get_vp_registers_exit_carries_xmm(vm, series):
-    out = hyperv.hypercall(hyperv.build(vm), fast(hvtlfs.HVCALL_GET_VP_REGISTERS), RDX, R8, xmm=XMM_IN)
-    if series.patched("xmm_output"):
-        expect_xmm_exit(out, 97, fast(hvtlfs.HVCALL_GET_VP_REGISTERS))
-    else:
-        expect_status(out, 97, hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE, fast(hvtlfs.HVCALL_GET_VP_REGISTERS))
+    """Without P06 0x50 does not exist (RAX = 2); with it the exit carries XMM0-5 only if P01 is there too."""
+    ctl = fast(hvtlfs.HVCALL_GET_VP_REGISTERS)
+    out = hyperv.hypercall(hyperv.build(vm), ctl, RDX, R8, xmm=XMM_IN)
+    if not series.patched("hv_exits"):
+        expect_status(out, 97, hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE, ctl)
+        return
+    expect_exit(out, 97, ctl)
+    series.require("xmm_output")
+    expect_xmm_exit(out, 97, ctl)
 
 
 @pytest.mark.parametrize("code", [pytest.param(c, marks=pytest.mark.catalog(98), id=f"{c:#06x}")
@@ -223,16 +234,17 @@ def test_other_xmm_fast_exits_carry_xmm(vm, series, code):
 
 
 @pytest.mark.catalog(99)
+@pytest.mark.group("hv_exits")
 @pytest.mark.parametrize("state", ["ebx17-set", "ebx17-clear"])
 def test_fast_input_without_xmm_input_bit(vm, series, state):
-    """ENFORCE_CPUID with EDX bit 4 clear: reading XMM input raises #UD, but the access check (bit 17) runs first."""
+    """EC, EDX bit 4 clear: P06 makes 0x50 XMM-fast (#UD) and gates it on bit 17, checked first; P01 plays no part."""
     bit17 = hvtlfs.HV_ACCESS_VP_REGISTERS
     bits = CpuidBits(ebx_set=bit17, edx_clear=EDX_XMM_IN) if state == "ebx17-set" else \
         CpuidBits(ebx_clear=bit17, edx_clear=EDX_XMM_IN)
     hvm = hyperv.build(vm, bits, enforce_cpuid=True)
     ctl = fast(hvtlfs.HVCALL_GET_VP_REGISTERS)
     out = hyperv.hypercall(hvm, ctl, RDX, R8, xmm=XMM_IN)
-    if not series.patched("xmm_output"):
+    if not series.patched("hv_exits"):
         expect_status(out, 99, hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE, ctl)
     elif state == "ebx17-set":
         assert out.exception == 6 and out.rip == hvm.insn, f"catalog 99: expected #UD at {hvm.insn:#x}, got {out}"
@@ -243,6 +255,7 @@ def test_fast_input_without_xmm_input_bit(vm, series, state):
 @pytest.mark.catalog(100)
 def test_slow_exit_leaves_xmm_area_untouched(vm, series):
     series.require("xmm_output")
+    series.require("hv_exits")
     hvm = hyperv.build(vm)
     hvm.vcpu.set_run_bytes(72, b"\xa5" * 96)
     out = hyperv.hypercall(hvm, hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8, xmm=XMM_IN)
@@ -267,6 +280,7 @@ COMPLETIONS = [
 def test_xmm_output_on_completion(vm, series, n, code, is_fast, result, after, what):
     """Only a successful fast 0x50/0x52 completion overwrites XMM0-5 with hcall.xmm; RAX gets the result."""
     series.require("xmm_output")
+    series.require(hyperv.code_group(code))
     hvm = hyperv.build(vm)
     ctl = control(code, fast=is_fast)
     expect_exit(hyperv.hypercall(hvm, ctl, RDX, R8, xmm=XMM_IN), n, ctl)
@@ -280,6 +294,7 @@ def test_xmm_output_on_completion(vm, series, n, code, is_fast, result, after, w
 def test_xmm_output_needs_the_output_bit_under_enforce_cpuid(vm, series, n, output_bit):
     """ENFORCE_CPUID: completing a successful fast 0x50 without EDX bit 15 injects #UD at the VMCALL instead."""
     series.require("xmm_output")
+    series.require("hv_exits")
     bits = CpuidBits(ebx_set=hvtlfs.HV_ACCESS_VP_REGISTERS, edx_set=EDX_XMM_IN | (EDX_XMM_OUT if output_bit else 0),
                      edx_clear=0 if output_bit else EDX_XMM_OUT)
     hvm = hyperv.build(vm, bits, enforce_cpuid=True)
@@ -299,16 +314,23 @@ def test_xmm_output_needs_the_output_bit_under_enforce_cpuid(vm, series, n, outp
 
 
 @pytest.mark.catalog(109)
-@pytest.mark.parametrize("row", ["slow-0x50-as-0x11", "fast-0x51-as-fast-0x50"])
+@pytest.mark.parametrize("row", ["slow-0x50-as-0x11", "fast-0x51-as-fast-0x50", "slow-0x50-as-fast-0x50"])
 def test_completion_rereads_the_control_word(vm, series, row):
     """KVM takes code and fast bit for the completion from hcall.input in kvm_run, not from the guest's RCX."""
     series.require("xmm_output")
+    series.require("hv_exits")
     hvm = hyperv.build(vm)
     if row == "slow-0x50-as-0x11":
         series.require("vsm_hcalls")
         expect_exit(hyperv.hypercall(hvm, hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8), 109, hvtlfs.HVCALL_GET_VP_REGISTERS)
         out = hyperv.complete(hvm, hvtlfs.HV_STATUS_INVALID_PARAMETER, input=hvtlfs.HVCALL_VTL_CALL)
         expect_completion(hvm, out, 109, RAX_SENTINEL)
+    elif row == "slow-0x50-as-fast-0x50":
+        expect_exit(hyperv.hypercall(hvm, hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8, xmm=XMM_IN), 109,
+                    hvtlfs.HVCALL_GET_VP_REGISTERS)
+        out = hyperv.complete(hvm, 0, xmm=XMM_OUT, input=fast(hvtlfs.HVCALL_GET_VP_REGISTERS))
+        expect_completion(hvm, out, 109, 0)
+        expect_guest_xmm(out, 109, XMM_OUT, "hcall.xmm written back (fast bit taken from hcall.input)")
     else:
         ctl = fast(hvtlfs.HVCALL_SET_VP_REGISTERS)
         expect_exit(hyperv.hypercall(hvm, ctl, RDX, R8, xmm=XMM_IN), 109, ctl)

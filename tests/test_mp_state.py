@@ -60,7 +60,9 @@ def test_inactive_vtl_refused_without_hyperv_cpuid(vm, irqchip):
     vcpu.set_cpuid(vm.kvm.supported_cpuid())
     ret, err = vcpu.set_mp_state(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
     assert (ret, err) == (-1, errno.EINVAL), f"catalog 123: KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}, expected EINVAL"
-    assert vcpu.get_mp_state() == (uapi.KVM_MP_STATE_RUNNABLE, 0), "a refused state must not change the vCPU"
+    got = vcpu.get_mp_state()
+    assert got == (uapi.KVM_MP_STATE_RUNNABLE, 0), \
+        f"catalog 123: after the refused KVM_SET_MP_STATE(11) the vCPU reads {state_name(got[0])}, expected RUNNABLE"
 
 
 # --- KVM_MP_STATE_HV_INACTIVE_VTL (P05) ------------------------------------------------------------------
