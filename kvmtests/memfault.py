@@ -15,8 +15,9 @@ FLAG_OF = {READ: uapi.KVM_MEMORY_EXIT_FLAG_READ, WRITE: uapi.KVM_MEMORY_EXIT_FLA
            EXEC: uapi.KVM_MEMORY_EXIT_FLAG_EXEC}
 DENIED_BY = {READ: uapi.KVM_MEMORY_ATTRIBUTE_NR, WRITE: uapi.KVM_MEMORY_ATTRIBUTE_NW,
              EXEC: uapi.KVM_MEMORY_ATTRIBUTE_NX}
-ENTRY = {READ: "mem_read", WRITE: "mem_write", EXEC: "mem_exec"}
-SYNC_STAGE = {READ: 1, WRITE: 2, EXEC: 3}
+RMW = "read-modify-write"      # not in KINDS: both a read and a write (flags: WRITE, catalog 62)
+ENTRY = {READ: "mem_read", WRITE: "mem_write", EXEC: "mem_exec", RMW: "mem_rmw"}
+SYNC_STAGE = {READ: 1, WRITE: 2, EXEC: 3, RMW: 4}
 EXEC_OFFSET = 0x800          # where the host puts the `ret` that an execute probe calls
 RET = b"\xc3"
 MEMORY_FAULT_BYTES = (32, 26)  # kvm_run offset and length of flags, gpa, size, insn_len
@@ -104,7 +105,8 @@ def intel_ept_ad() -> bool:
 
 
 def amd_npt() -> bool:
-    return probe.cpu_vendor() == "AuthenticAMD" and _on(_param("kvm_amd", "npt"))
+    """AMD (or Hygon) SVM with NPT."""
+    return probe.cpu_vendor() in ("AuthenticAMD", "HygonGenuine") and _on(_param("kvm_amd", "npt"))
 
 
 # --- guest accesses ------------------------------------------------------------------------------

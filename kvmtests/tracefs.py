@@ -9,6 +9,10 @@ from typing import Iterator
 
 SET_ATTRS_EVENT = "kvm/kvm_vm_set_mem_attributes"
 FAULTIN_EVENT = "kvmmmu/kvm_mem_attributes_faultin_access_prots"
+# The series' own fields of each event. Upstream later added an event of the same name as P17's
+# (trace_kvm_vm_set_mem_attributes, fields start/end/attr, 2025): the name alone does not mean P17.
+SERIES_FIELDS = {SET_ATTRS_EVENT: ("start", "cnt", "attributes"),
+                 FAULTIN_EVENT: ("vcpu_id", "guest_rip", "fault_address", "write", "exec", "mem_attrs")}
 _ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _counter = itertools.count()
 _RECORD = re.compile(r"\d+\.\d+: (\w+): (.*)$")
@@ -48,6 +52,14 @@ def format_fields(text: str) -> dict[str, tuple[str, int, int]]:
         name = decl.split()[-1].split("[")[0]
         fields[name] = (decl, int(parts["offset"]), int(parts["size"]))
     return fields
+
+
+def series_event(event: str) -> bool | None:
+    """Whether `event` exists with the series' fields; None where tracefs is not mounted."""
+    if root() is None:
+        return None
+    text = event_format(event)
+    return text is not None and set(SERIES_FIELDS[event]) <= set(format_fields(text))
 
 
 class Instance:

@@ -1,6 +1,7 @@
 /* On-demand guest accesses for the memory-attribute tests. The host points RIP at an entry and
  * sets RBX (address) and RAX (value to write); each entry does one access and reports
- * SYNC(kind, rax): 1 read, 2 write, 3 execute (a call into the page, which holds a `ret`). */
+ * SYNC(kind, rax): 1 read, 2 write, 3 execute (a call into the page, which holds a `ret`), 4 a locked
+ * read-modify-write (xchg with memory is implicitly locked: the CPU checks it as a write). */
 .include "common.inc"
 
 _start:
@@ -22,4 +23,10 @@ mem_write:
 mem_exec:
 	call *%rbx
 	GUEST_SYNC 3
+	GUEST_DONE
+
+.globl mem_rmw
+mem_rmw:
+	xchgq %rax, (%rbx)
+	GUEST_SYNC 4
 	GUEST_DONE
