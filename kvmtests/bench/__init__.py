@@ -18,6 +18,7 @@ from tabulate import tabulate
 from .. import asm, guest, uapi
 from ..kvm import Kvm, Unavailable, Vm
 from ..uapi import _libc, ffi
+from ..watchdog import watcher
 
 SOURCE = Path(__file__).parent / "ops.c"
 TARGET_RATIO = 1.1
@@ -55,11 +56,21 @@ def write_image(m: guest.Machine, path: Path) -> None:
         f.write(m.mem.buf[:])
 
 
-def _timed(fn: Callable[[], object], n: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter_ns() - start) / n
+BATCH_LIMIT = 120.0  # seconds; a batch that takes longer is a hung KVM_RUN, kicked by the watchdog
+
+
+def _timed(fn: Callable[[], object], n: int, run: object) -> float:
+    """Mean ns per call over n calls; one watchdog deadline bounds the whole batch (bare KVM_RUNs included)."""
+    token = watcher.arm(run, BATCH_LIMIT)
+    try:
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        elapsed = time.perf_counter_ns() - start
+    finally:
+        if watcher.disarm(token):
+            raise RuntimeError(f"bench: a batch of {n} calls did not finish within {BATCH_LIMIT:g} s")
+    return elapsed / n
 
 
 def _c(binary: Path, op: str, n: int, image: Path) -> float:
@@ -107,14 +118,14 @@ def _vcpu_batch(kvm: Kvm, n: int, raw: bool) -> float:
     with kvm.create_vm() as vm:
         ids = iter(range(n))
         if not raw:
-            return _timed(lambda: vm.create_vcpu(next(ids)).close(), n)
+            return _timed(lambda: vm.create_vcpu(next(ids)).close(), n, ffi.new("struct kvm_run *"))
 
         def create() -> None:
             fd = _libc.ioctl(vm.fd, uapi.KVM_CREATE_VCPU, ffi.cast("unsigned long", next(ids)))
             ptr, _ = uapi.mmap(size, uapi.PROT_READ | uapi.PROT_WRITE, uapi.MAP_SHARED, fd)
             uapi.munmap(ptr, size)
             os.close(fd)
-        return _timed(create, n)
+        return _timed(create, n, ffi.new("struct kvm_run *"))
 
 
 def measure(kvm: Kvm, binary: Path, op: str, n: int, repeats: int, image: Path) -> tuple[float, float, float]:
@@ -130,8 +141,8 @@ def measure(kvm: Kvm, binary: Path, op: str, n: int, repeats: int, image: Path) 
                 raw.append(_vcpu_batch(kvm, n, True))
                 layered.append(_vcpu_batch(kvm, n, False))
             else:
-                raw.append(_timed(fns[0][op], n))
-                layered.append(_timed(fns[1][op], n))
+                raw.append(_timed(fns[0][op], n, m.vcpu.run_struct))
+                layered.append(_timed(fns[1][op], n, m.vcpu.run_struct))
     return statistics.median(c), statistics.median(raw), statistics.median(layered)
 
 

@@ -79,6 +79,7 @@ int main(int argc, char **argv)
 	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm < 0)
 		die("/dev/kvm");
+	alarm(120); /* a hung KVM_RUN ends the process instead of the benchmark */
 	load_guest(kvm, argv[3], &vm, &vcpu);
 	double t0 = now_ns();
 	if (!strcmp(op, "vm")) {

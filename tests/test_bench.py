@@ -1,0 +1,32 @@
+"""`kvmtests bench`: the C side builds, the table explains every ratio above target, a tiny run works."""
+import subprocess
+import sys
+
+import pytest
+
+from kvmtests import bench
+
+
+@pytest.mark.nokvm
+def test_c_side_compiles_into_the_cache():
+    binary = bench.build_c()
+    assert binary.exists() and binary == bench.build_c(), "a second call reuses the cached binary"
+
+
+@pytest.mark.nokvm
+@pytest.mark.parametrize("c,raw,layered,expect", [
+    (10.0, 10.5, 10.9, ""),
+    (10.0, 14.0, 15.0, "floor: a bare cffi call from Python already costs"),
+    (10.0, 10.5, 14.0, "the layers add"),
+])
+def test_note_explains_ratios_above_target(c, raw, layered, expect):
+    note = bench._note(c * 1000, raw * 1000, layered * 1000)
+    assert note.startswith(expect) if expect else note == ""
+
+
+def test_tiny_benchmark_prints_the_table():
+    out = subprocess.run([sys.executable, "-m", "kvmtests.cli", "bench", "--scale", "0.01", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0] for line in out.stdout.splitlines()[2:]}
+    assert rows == set(bench.OPS), out.stdout
