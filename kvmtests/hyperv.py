@@ -78,9 +78,6 @@ class HvMachine:
         """Guest address of the instruction after it."""
         return self.machine.sym(self.entry("hcall") + "_after")
 
-    def hv_leaf(self, function: int) -> dict:
-        return next(e for e in self.cpuid if e["function"] == function)
-
 
 def hv_cpuid(kvm: Kvm, vcpu: object, bits: CpuidBits, *, signature: bool = True) -> list[dict]:
     """Base CPUID plus KVM's supported Hyper-V leaves, with the requested 0x40000003 bits switched."""

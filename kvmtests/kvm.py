@@ -289,10 +289,6 @@ class Exit:
         return uapi.exit_name(self.reason)
 
 
-class RunTimeout(AssertionError):
-    """KVM_RUN did not return before the watchdog fired."""
-
-
 _PTR_TYPES = {name: ffi.typeof(name + " *") for name in (
     "struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xsave", "struct kvm_lapic_state",
     "struct kvm_vcpu_events")}
@@ -319,10 +315,6 @@ class Vcpu:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    @property
-    def kvm_run(self) -> object:
-        return self.run_struct
 
     def run_bytes(self, offset: int, length: int) -> bytes:
         return ffi.buffer(ffi.cast("char *", self._map) + offset, length)[:]

@@ -272,7 +272,6 @@ def test_private_page_access_flags(kvm, series, kind, row):
 
 # --- section D: instruction length -------------------------------------------------------------------
 
-INSN_TARGET = guest.DATA_GPA + 0x200
 INSN_PAGE = guest.DATA_GPA
 
 

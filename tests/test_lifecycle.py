@@ -69,3 +69,24 @@ def test_watchdog_bounds_a_guest_that_never_exits(vm):
     assert f"RIP {m.sym('spin'):#x}" in text and "watchdog timeout" in text, text
     ex = m.vcpu.run(timeout=0.2)
     assert ex.timed_out, "a second bounded run after a timeout must behave the same"
+
+
+def test_vcpu_state_round_trips(vm):
+    """The state accessors the tests rely on: what is set is what KVM_GET_* returns."""
+    m = guest.build(vm, guest.load_payload("basic"))
+    vcpu = m.vcpu
+    fpu = vcpu.get_fpu()
+    fpu.xmm[3][0:16] = list(range(16))
+    fpu.mxcsr = 0x1F80
+    vcpu.set_fpu(fpu)
+    assert bytes(vcpu.get_fpu().xmm[3][0:16]) == bytes(range(16)), "KVM_SET_FPU/KVM_GET_FPU xmm3"
+    xsave = vcpu.get_xsave()
+    vcpu.set_xsave(xsave)
+    assert bytes(uapi.ffi.buffer(vcpu.get_xsave()))[:512] == bytes(uapi.ffi.buffer(xsave))[:512], "legacy area"
+    events = vcpu.get_events()
+    events.nmi.masked = 1
+    vcpu.set_events(events)
+    assert vcpu.get_events().nmi.masked == 1, "KVM_SET_VCPU_EVENTS nmi.masked"
+    sysenter_cs = 0x174
+    assert vcpu.set_msrs({sysenter_cs: 0x1234}) == 1
+    assert vcpu.get_msrs([sysenter_cs]) == {sysenter_cs: 0x1234}, "KVM_SET_MSRS/KVM_GET_MSRS IA32_SYSENTER_CS"
