@@ -134,7 +134,7 @@ def run_seeded(machine: type) -> None:
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("default", marks=pytest.mark.catalog(16, 17, 18, 19, 20, 21, 22, 24, 25, 35, 39, 40, 41, 42, 44,
+    pytest.param("default", marks=pytest.mark.catalog(16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 35, 39, 40, 41, 42, 44,
                                                       47, 53), id="default-vm"),
     pytest.param("sw_protected", marks=pytest.mark.catalog(32, 59, 60, 61), id="sw-protected-vm")])
 def test_attribute_state_machine(kvm, series, kind):
