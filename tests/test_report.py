@@ -103,7 +103,8 @@ def test_plugin_without_kvm_device_gates_and_summarises(pytester, workers):
     env_dev = "/nonexistent-kvm"
     pytester._monkeypatch.setenv("KVMTESTS_DEV", env_dev)
     result = pytester.runpytest_subprocess("-n", workers, "-rs", "--require", "series",
-                                           "--kvmtests-json", "out.json", "-p", "no:cacheprovider")
+                                           "--kvmtests-json", "out.json", "-p", "no:cacheprovider",
+                                           "-p", "no:hypothesispytest", "-p", "no:benchmark")
     assert result.ret == 1
     text = result.stdout.str()
     assert text.count(f"{env_dev} does not exist") >= 1
