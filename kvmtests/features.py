@@ -99,20 +99,17 @@ def _fault_probe() -> tuple[int, int, str] | str:
     """One memory-fault exit: (flags, byte 56 after a 0xA5 sentinel, how) or why none could be made."""
     failed = []
     with Kvm() as kvm:
+        ways = []
         if _attributes(kvm).present:
-            with kvm.create_vm() as vm:
-                m = guest.build(vm, guest.load_payload("probe"), entry="write_data")
-                vm.set_memory_attributes(guest.DATA_GPA, 0x1000, uapi.KVM_MEMORY_ATTRIBUTE_NW)
-                got = _fault_exit(m, "write to an NW page")
-            if not isinstance(got, str):
-                return got
-            failed.append(got)   # e.g. P15 without P16: try the private-page exit instead
-        types = kvm.check_extension(uapi.KVM_CAP_VM_TYPES)
-        if types & (1 << uapi.KVM_X86_SW_PROTECTED_VM):
-            with kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as vm:
-                m = guest.build(vm, guest.load_payload("probe"), entry="read_data")
-                vm.set_memory_attributes(guest.DATA_GPA, 0x1000, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-                got = _fault_exit(m, "read of a PRIVATE page without guest_memfd (SW_PROTECTED VM)")
+            ways.append((uapi.KVM_X86_DEFAULT_VM, "write_data", uapi.KVM_MEMORY_ATTRIBUTE_NW, "write to an NW page"))
+        if kvm.check_extension(uapi.KVM_CAP_VM_TYPES) & (1 << uapi.KVM_X86_SW_PROTECTED_VM):
+            ways.append((uapi.KVM_X86_SW_PROTECTED_VM, "read_data", uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE,
+                         "read of a PRIVATE page without guest_memfd (SW_PROTECTED VM)"))
+        for vm_type, entry, attributes, what in ways:   # the second is tried when the first makes no exit
+            with kvm.create_vm(vm_type) as vm:          # (e.g. P15 without P16)
+                m = guest.build(vm, guest.load_payload("probe"), entry=entry)
+                vm.set_memory_attributes(guest.DATA_GPA, 0x1000, attributes)
+                got = _fault_exit(m, what)
             if not isinstance(got, str):
                 return got
             failed.append(got)
@@ -150,8 +147,6 @@ def _fault_insn_len(kvm: Kvm) -> Detection:
 def _hv_probe(key: str, bits: hyperv.CpuidBits, control: int, rdx: int, r8: int, xmm: list | None,
               judge: Callable[[hyperv.Outcome], bool], what: str) -> Callable[[Kvm], Detection]:
     def probe(kvm: Kvm) -> Detection:
-        if not kvm.check_extension(uapi.KVM_CAP_HYPERV):
-            return Detection(key, UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
         with kvm.create_vm() as vm:
             hvm = hyperv.build(vm, bits)
             out = hyperv.hypercall(hvm, control, rdx, r8, xmm=xmm)
@@ -172,8 +167,6 @@ XMM_PROBE_CODES = (hvtlfs.HVCALL_GET_VP_REGISTERS, hvtlfs.HVCALL_TRANSLATE_VIRTU
 
 def _xmm_output(kvm: Kvm) -> Detection:
     """P01 shows only through a fast exit of P06/P07/P18: with none, EDX bit 15 advertised means unknown, not absent."""
-    if not kvm.check_extension(uapi.KVM_CAP_HYPERV):
-        return Detection("xmm_output", UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
     seen = []
     for code in XMM_PROBE_CODES:
         with kvm.create_vm() as vm:
@@ -194,8 +187,6 @@ def _xmm_output(kvm: Kvm) -> Detection:
 
 
 def _mp_state(kvm: Kvm) -> Detection:
-    if not kvm.check_extension(uapi.KVM_CAP_HYPERV):
-        return Detection("mp_inactive_vtl", UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
     with kvm.create_vm() as vm:
         hvm = hyperv.build(vm, VSM)
         ret, err = hvm.vcpu.set_mp_state(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
