@@ -35,7 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in ["catalog(*numbers): catalog assertions (vsm-v1-uapi.md section 4) the test checks",
                  "group(key): count the test under this feature group only",
                  "nokvm: the test needs no /dev/kvm",
-                 "runner: qualification-runner test (needs neither QEMU nor /dev/kvm)",
+                 "selftest: checks kvmtests itself (runner, plugin, report, header agreement), not the kernel; "
+                 "needs no /dev/kvm, and qualify leaves it out of the guest",
                  "slow: endurance test, opt-in with -m slow"]:
         config.addinivalue_line("markers", line)
     try:
@@ -72,7 +73,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _needs_kvm(item: pytest.Item) -> bool:
-    return item.get_closest_marker("nokvm") is None and item.get_closest_marker("runner") is None
+    return item.get_closest_marker("nokvm") is None and item.get_closest_marker("selftest") is None
 
 
 def _kvm_fds() -> set[str]:

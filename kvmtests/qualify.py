@@ -83,12 +83,12 @@ def choose_accel(requested: str, dev_kvm: Path = Path("/dev/kvm"),
 def suite_command(results: Path, pytest_args: Sequence[str]) -> list[str]:
     """The pytest command run in the guest (one vCPU: serial), writing JUnit and JSON to results.
 
-    The host prints the summary from the JSON, so the guest does not; without PYTEST-ARGS the runner's
-    own tests (which need no kernel) are left out."""
+    The host prints the summary from the JSON, so the guest does not; without PYTEST-ARGS the suite's
+    self-tests are left out: they check kvmtests, not the kernel, and the host already runs them."""
     cmd = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-p", PYTEST_PLUGIN,
            "--no-kvmtests-summary", f"--kvmtests-json={results / 'results.json'}",
            f"--junitxml={results / 'junit.xml'}"]
-    return cmd + (list(pytest_args) or ["-m", "not runner"])
+    return cmd + (list(pytest_args) or ["-m", "not selftest"])
 
 
 def guest_env(accel: str, host_env: Mapping[str, str]) -> dict[str, str]:

@@ -7,13 +7,13 @@ import pytest
 from kvmtests import bench
 
 
-@pytest.mark.nokvm
+@pytest.mark.selftest
 def test_c_side_compiles_into_the_cache():
     binary = bench.build_c()
     assert binary.exists() and binary == bench.build_c(), "a second call reuses the cached binary"
 
 
-@pytest.mark.nokvm
+@pytest.mark.selftest
 @pytest.mark.parametrize("c,raw,layered,expect", [
     (10.0, 10.5, 10.9, ""),
     (10.0, 14.0, 15.0, "floor: a bare cffi call from Python already costs"),

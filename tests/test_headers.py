@@ -9,7 +9,7 @@ import pytest
 from kvmtests import uapi
 from kvmtests.uapi import ffi
 
-pytestmark = pytest.mark.nokvm
+pytestmark = pytest.mark.selftest
 
 # (C expression path, header macro that proves the member exists in the installed headers or None)
 MEMBERS = [

@@ -17,7 +17,7 @@ import pytest
 from kvmtests import initramfs, qemu, qualify
 from kvmtests.qemu import RunnerError
 
-pytestmark = pytest.mark.runner
+pytestmark = pytest.mark.selftest
 
 RELEASE = "6.99.0-test"
 
@@ -312,7 +312,7 @@ def test_suite_command_and_env(tmp_path: Path) -> None:
     assert "-p" in cmd and "no:cacheprovider" in cmd
     assert f"--junitxml={tmp_path / 'junit.xml'}" in cmd and cmd[-2:] == ["-k", "x"]
     assert f"--kvmtests-json={tmp_path / 'results.json'}" in cmd and "--no-kvmtests-summary" in cmd
-    assert qualify.suite_command(tmp_path, [])[-2:] == ["-m", "not runner"], "the runner's tests need no guest"
+    assert qualify.suite_command(tmp_path, [])[-2:] == ["-m", "not selftest"], "self-tests need no guest"
     env = qualify.guest_env("tcg", {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "SECRET": "x"})
     assert env == {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "KVMTESTS_ACCEL": "tcg", "TERM": "dumb"}
     assert "kvmtests.accel=tcg" in qualify.kernel_cmdline("tcg") and "panic=-1" in qualify.kernel_cmdline("tcg")

@@ -10,7 +10,7 @@ import pytest
 from kvmtests import kernels, qualify
 from kvmtests.qemu import RunnerError
 
-pytestmark = pytest.mark.runner
+pytestmark = pytest.mark.selftest
 
 SHOW = """Package: linux-image-amd64
 Version: 6.12.95-1~bpo12+1

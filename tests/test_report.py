@@ -10,7 +10,7 @@ import pytest
 from kvmtests import features, report
 from kvmtests.features import Detection
 
-pytestmark = pytest.mark.nokvm
+pytestmark = pytest.mark.selftest
 GOLDEN = Path(__file__).parent / "golden"
 HOST = {"kernel": "6.12.0-test", "kvm device": "/dev/kvm", "cpu vendor": "AuthenticAMD",
         "vendor module": "kvm_amd", "tdp": "on (kvm_amd.npt=Y)", "environment": "QEMU/TCG (kvmtests qualify)"}
