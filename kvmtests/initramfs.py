@@ -203,7 +203,7 @@ case "$(grep -m1 vendor_id /proc/cpuinfo)" in
   *GenuineIntel*) load intel ;;
 esac
 mkdir -p /lower /rw {new}
-mount -t 9p -o {NINEP_OPTS},ro,cache=loose {plan.root_tag} /lower || die "cannot mount the host root over 9p"
+mount -t 9p -o {NINEP_OPTS},ro,cache=loose {plan.root_tag} /lower || die "cannot mount the host root over 9p: the kernel needs virtio-pci, 9p (9pnet_virtio) and overlayfs, built in or from --modules"
 mount -t tmpfs -o mode=755 rw /rw && mkdir /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay {new} || die "cannot mount the overlay root"
 mount -t proc proc {new}/proc
@@ -251,9 +251,14 @@ def cpio_archive(files: Mapping[str, bytes], dirs: Iterable[str], executables: s
     return body + cpio_entry("TRAILER!!!", 0)
 
 
-def build(out: Path, busybox: Path, modules_dir: Path, plan: GuestPlan) -> list[str]:
-    """Write the initramfs to out; return the optional modules that were not found (e.g. kvm_intel)."""
-    groups, modules, absent = collect_modules(modules_dir)
+def build(out: Path, busybox: Path, modules_dir: Path | None, plan: GuestPlan) -> list[str]:
+    """Write the initramfs to out; return the optional modules that were not found (e.g. kvm_intel).
+
+    Without a modules directory the kernel must have its drivers built in: every load list is empty."""
+    if modules_dir is None:
+        groups, modules, absent = {group: [] for group in MODULE_GROUPS}, {}, []
+    else:
+        groups, modules, absent = collect_modules(modules_dir)
     files = {"bin/busybox": find_busybox(busybox).read_bytes(), "init": init_script(plan).encode()}
     files.update({f"modules/{g}.list": "".join(m + "\n" for m in order).encode() for g, order in groups.items()})
     files.update({f"modules/{name}.ko": data for name, data in modules.items()})

@@ -260,6 +260,15 @@ def test_initramfs_contents(tmp_path: Path, busybox: Path) -> None:
     assert entries["modules/9pnet_virtio.ko"][1] == ko("9pnet_virtio", "9pnet,virtio_ring")
 
 
+def test_initramfs_for_a_kernel_with_drivers_built_in(tmp_path: Path, busybox: Path) -> None:
+    out = tmp_path / "initrd.cpio.gz"
+    assert initramfs.build(out, busybox, None, plan(tmp_path)) == []
+    entries = read_cpio(gzip.decompress(out.read_bytes()))
+    assert {n: entries[f"modules/{n}.list"][1] for n in initramfs.MODULE_GROUPS} == dict.fromkeys(
+        initramfs.MODULE_GROUPS, b"")
+    assert not [n for n in entries if n.endswith(".ko")]
+
+
 def test_init_script_runs_suite_in_overlay_and_powers_off(tmp_path: Path) -> None:
     script = initramfs.init_script(plan(tmp_path))
     assert script.startswith("#!/bin/busybox sh\n")
@@ -286,8 +295,7 @@ def test_kernel_release_from_setup_header(tmp_path: Path) -> None:
 def test_modules_dir_found_beside_image(tmp_path: Path) -> None:
     mods = make_modules(tmp_path)
     assert qualify.modules_dir(make_image(tmp_path), RELEASE, None) == mods
-    with pytest.raises(RunnerError, match="pass --modules DIR"):
-        qualify.modules_dir(make_image(tmp_path, "7.0"), "7.0", None)
+    assert qualify.modules_dir(make_image(tmp_path, "7.0"), "7.0", None) is None, "drivers built in"
     with pytest.raises(RunnerError, match="is not a directory"):
         qualify.modules_dir(make_image(tmp_path), RELEASE, tmp_path / "nowhere")
 
@@ -447,3 +455,8 @@ print("@@kvmtests@@ suite-end 2.0 rc=0")
     assert "1 passed" in out and "under QEMU tcg, -cpu max, 1 vCPU, 2G" in out
     assert f"console log: {results / 'console.log'}" in out
     assert "suite-start" in (results / "console.log").read_text()
+    built_in = make_image(tmp_path / "monolithic", "7.0")
+    assert run_cli(["--kernel", str(built_in), "--results", str(results), "--accel", "tcg"]) == 0
+    out = capsys.readouterr().out
+    assert "no lib/modules/7.0 beside" in out and "assuming virtio-pci, 9p, overlayfs and KVM are built in" in out
+    assert "2G; no modules" in out
