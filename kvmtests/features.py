@@ -49,6 +49,7 @@ class Detection:
     group: str
     state: str
     how: str
+    partial: str = ""    # present, but this part of the group's patches is missing (a partial backport)
 
     @property
     def present(self) -> bool:
@@ -91,7 +92,9 @@ def _tracepoints(kvm: Kvm) -> Detection:
     how = f"tracefs events with the series' fields: {', '.join(found) or 'neither'}"
     if tracefs.SET_ATTRS_EVENT not in found and os.path.isdir(os.path.join(root, "events", tracefs.SET_ATTRS_EVENT)):
         how += f" ({tracefs.SET_ATTRS_EVENT} exists with another layout: upstream's event of that name, not P17's)"
-    return Detection("attr_tracepoints", PRESENT if len(found) == 2 else ABSENT, how)
+    missing = [n for n in names if n not in found]
+    partial = f"no {', '.join(missing)} with the series' fields" if found and missing else ""
+    return Detection("attr_tracepoints", PRESENT if found else ABSENT, how, partial)
 
 
 @functools.cache
@@ -156,6 +159,38 @@ def _hv_probe(key: str, bits: hyperv.CpuidBits, control: int, rdx: int, r8: int,
     return probe
 
 
+# Every code P06-P08 make exit, with its patch: one group, so a backport of some of them is named.
+HV_EXIT_CODES = ([(c, "P06") for c in hvtlfs.VP_REGISTER_CODES] + [(hvtlfs.HVCALL_TRANSLATE_VIRTUAL_ADDRESS, "P07")]
+                 + [(c, "P08") for c in hvtlfs.START_VP_CODES])
+
+
+def _hv_exits(kvm: Kvm) -> Detection:
+    results = []
+    for code, patch in HV_EXIT_CODES:
+        with kvm.create_vm() as vm:
+            results.append((f"{code:#06x} ({patch})", hyperv.hypercall(hyperv.build(vm), code, 0, 0)))
+    return hv_exits_verdict(results)
+
+
+def hv_exits_verdict(results: list[tuple[str, hyperv.Outcome]]) -> Detection:
+    """Present when any P06-P08 code exits; the codes that do not are the partial backport's gap."""
+    def said(pairs: list[tuple[str, hyperv.Outcome]]) -> str:
+        by_outcome: dict[str, list[str]] = {}
+        for what, out in pairs:
+            by_outcome.setdefault(str(out), []).append(what)
+        return "; ".join(f"slow {', '.join(whats)}: {outcome}" for outcome, whats in by_outcome.items())
+
+    unclear = [(what, out) for what, out in results if not out.exited and not out.completed]
+    if unclear:
+        return Detection("hv_exits", UNKNOWN, said(unclear))
+    exited = [what for what, out in results if out.exited]
+    stayed = [(what, out) for what, out in results if not out.exited]
+    if not exited:
+        return Detection("hv_exits", ABSENT, said(stayed))
+    how = f"slow {', '.join(exited)} exit to userspace"
+    return Detection("hv_exits", PRESENT, how + (f"; {said(stayed)}" if stayed else ""), said(stayed))
+
+
 XMM_PATTERN = [(0x1111111111111111 * (i + 1), 0x0101010101010101 * (i + 0x10)) for i in range(6)]
 VSM = hyperv.CpuidBits(ebx_set=hvtlfs.HV_ACCESS_VSM)
 
@@ -199,8 +234,7 @@ PROBES: dict[str, Callable[[Kvm], Detection]] = {
     "attr_tracepoints": _tracepoints,
     "fault_rwx_flags": _fault_flags,
     "fault_insn_len": _fault_insn_len,
-    "hv_exits": _hv_probe("hv_exits", hyperv.CpuidBits(), hvtlfs.HVCALL_GET_VP_REGISTERS, 0, 0, None,
-                          lambda o: o.exited, "slow GetVpRegisters (0x50)"),
+    "hv_exits": _hv_exits,
     "vsm_hcalls": _hv_probe("vsm_hcalls", hyperv.CpuidBits(), hvtlfs.HVCALL_VTL_CALL, 0, 0, None,
                             lambda o: o.exited, "slow VtlCall (0x11)"),
     "xmm_output": _xmm_output,
@@ -243,6 +277,9 @@ def partial_backport(detections: dict[str, Detection]) -> list[str]:
     if present and len(present) < len(known):
         findings.append(f"partial series: present {', '.join(present)}; absent "
                         f"{', '.join(k for k in known if states[k] == ABSENT)}")
+    for key, det in detections.items():
+        if det.state == PRESENT and det.partial:
+            findings.append(f"{key} ({GROUPS[key].patches}) only in part: {det.partial}")
     for bit, advertised in advertised_hv_bits().items():
         for group in BIT_ANNOUNCES[bit]:
             if advertised and states.get(group) == ABSENT:

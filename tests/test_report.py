@@ -7,7 +7,7 @@ from pathlib import Path
 import kcidb_io
 import pytest
 
-from kvmtests import features, report
+from kvmtests import features, hyperv, report, tracefs
 from kvmtests.features import Detection
 
 pytestmark = pytest.mark.selftest
@@ -131,6 +131,33 @@ def test_partial_backport_is_named(monkeypatch):
     assert not any("vtl_ipi is absent" in f for f in findings), "an undetectable group is no finding"
     assert "hv_exits is present, but KVM_GET_SUPPORTED_HV_CPUID does not advertise HV_ACCESS_VP_REGISTERS" in findings
     assert not any("HV_START_VIRTUAL_PROCESSOR" in f for f in findings), "advertised and present agree"
+
+
+def test_hv_exits_backported_in_part_is_named(monkeypatch):
+    """P06 without P07/P08: present (its rows run, the missing codes' rows fail) and named as a partial backport."""
+    monkeypatch.setattr(features, "advertised_hv_bits", lambda: {})
+    exit_, status2 = hyperv.Outcome(exited=True, input=0x50), hyperv.Outcome(completed=True, rax=2)
+    codes = [f"{code:#06x} ({patch})" for code, patch in features.HV_EXIT_CODES]
+    both = features.hv_exits_verdict(list(zip(codes, [exit_, exit_, status2, status2, status2])))
+    assert both.state == features.PRESENT
+    assert both.partial == f"slow 0x0052 (P07), 0x0099 (P08), 0x009a (P08): {status2}"
+    detections = {k: Detection(k, features.ABSENT, "") for k in features.GROUPS} | {"hv_exits": both}
+    assert f"hv_exits (P06-P08) only in part: {both.partial}" in features.partial_backport(detections)
+    assert features.hv_exits_verdict([(c, exit_) for c in codes]) == Detection(
+        "hv_exits", features.PRESENT, "slow " + ", ".join(codes) + " exit to userspace")
+    assert features.hv_exits_verdict([(c, status2) for c in codes]).state == features.ABSENT
+    assert features.hv_exits_verdict([(codes[0], exit_), (codes[1], hyperv.Outcome(exception=6))]).state == \
+        features.UNKNOWN, "a guest exception says nothing about the patch"
+
+
+def test_one_tracepoint_of_two_is_a_partial_backport(monkeypatch, tmp_path):
+    monkeypatch.setattr(tracefs, "root", lambda: str(tmp_path))
+    monkeypatch.setattr(tracefs, "series_event", lambda name: name == tracefs.FAULTIN_EVENT)
+    det = features._tracepoints(None)
+    assert det.state == features.PRESENT and det.partial == f"no {tracefs.SET_ATTRS_EVENT} with the series' fields"
+    monkeypatch.setattr(tracefs, "series_event", lambda name: False)
+    assert features._tracepoints(None) == Detection("attr_tracepoints", features.ABSENT,
+                                                    "tracefs events with the series' fields: neither")
 
 
 def test_whole_series_or_nothing_is_no_finding(monkeypatch):
