@@ -78,11 +78,8 @@ def _on(value: str | None) -> bool:
 
 def tdp() -> bool | None:
     """TDP (EPT/NPT) on, off, or None where the vendor module does not say."""
-    for module, param in probe.TDP_PARAMS.items():
-        value = _param(module, param)
-        if value is not None:
-            return _on(value)
-    return None
+    setting = probe.tdp_setting()
+    return None if setting is None else _on(setting[1])
 
 
 def require_tdp() -> None:

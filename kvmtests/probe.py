@@ -10,6 +10,7 @@ from .kvm import Kvm, Unavailable
 
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
 TDP_PARAMS = {"kvm_intel": "ept", "kvm_amd": "npt"}
+CPU_FLAG = {"kvm_intel": "vmx", "kvm_amd": "svm"}   # what each needs from the CPU; kvm_pvm needs neither
 
 CAPS = [
     ("KVM_CAP_HYPERV", uapi.KVM_CAP_HYPERV),
@@ -32,18 +33,35 @@ def _read(path: str) -> str | None:
         return None
 
 
+def vendor_modules(sys_module: Path = Path("/sys/module"), flags: set[str] | None = None) -> list[str]:
+    """The vendor modules that can be serving /dev/kvm: loaded or built in, and backed by the CPU (a kernel
+    with kvm_intel and kvm_amd both built in shows both in /sys/module, and both have parameters)."""
+    flags = cpu_flags() if flags is None else flags
+    present = [m for m in VENDOR_MODULES if (sys_module / m).is_dir()]
+    return [m for m in present if m not in CPU_FLAG or CPU_FLAG[m] in flags]
+
+
 def vendor_module() -> str:
-    loaded = [m for m in VENDOR_MODULES if os.path.isdir(f"/sys/module/{m}")]
-    return ", ".join(loaded) or "none loaded"
+    return ", ".join(vendor_modules()) or "none loaded"
+
+
+def tdp_setting() -> tuple[str, str] | None:
+    """The serving vendor module's ept/npt parameter and its value, or None where it has none."""
+    for module in vendor_modules():
+        if module in TDP_PARAMS:
+            value = _read(f"/sys/module/{module}/parameters/{TDP_PARAMS[module]}")
+            if value is not None:
+                return f"{module}.{TDP_PARAMS[module]}", value
+    return None
 
 
 def tdp() -> str:
     """TDP (EPT/NPT) as the vendor module reports it."""
-    for module, param in TDP_PARAMS.items():
-        value = _read(f"/sys/module/{module}/parameters/{param}")
-        if value is not None:
-            return f"{'on' if value in ('Y', '1') else 'off'} ({module}.{param}={value})"
-    return f"unknown ({vendor_module()} has no ept/npt parameter)"
+    setting = tdp_setting()
+    if setting is None:
+        return f"unknown ({vendor_module()} has no ept/npt parameter)"
+    name, value = setting
+    return f"{'on' if value in ('Y', '1') else 'off'} ({name}={value})"
 
 
 def environment() -> str:
@@ -60,6 +78,13 @@ def environment() -> str:
         return "bare metal"
     vendor = _read("/sys/class/dmi/id/sys_vendor")
     return f"virtual machine ({vendor})" if vendor else "virtual machine"
+
+
+def cpu_flags() -> set[str]:
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def cpu_vendor() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import kcidb_io
 import pytest
 
-from kvmtests import features, hyperv, report, tracefs
+from kvmtests import features, hyperv, probe, report, tracefs
 from kvmtests.features import Detection
 
 pytestmark = pytest.mark.selftest
@@ -164,3 +164,15 @@ def test_whole_series_or_nothing_is_no_finding(monkeypatch):
     monkeypatch.setattr(features, "advertised_hv_bits", lambda: {})
     for state in (features.PRESENT, features.ABSENT):
         assert features.partial_backport({k: Detection(k, state, "") for k in features.GROUPS}) == []
+
+
+@pytest.mark.parametrize("present,flags,serving", [
+    (["kvm_intel", "kvm_amd"], {"svm", "npt"}, ["kvm_amd"]),       # both built in, AMD CPU
+    (["kvm_intel", "kvm_amd"], {"vmx", "ept"}, ["kvm_intel"]),     # both built in, Intel CPU
+    (["kvm_pvm"], set(), ["kvm_pvm"]),                             # needs neither VMX nor SVM
+    (["kvm_intel"], set(), []),                                    # loaded, but the CPU offers no VMX
+])
+def test_host_identity_names_the_serving_vendor_module(tmp_path, present, flags, serving):
+    for module in present:
+        (tmp_path / module / "parameters").mkdir(parents=True)
+    assert probe.vendor_modules(tmp_path, flags) == serving
