@@ -32,7 +32,7 @@ def kernel_release(image: Path) -> str:
             head = f.read(0x10200)  # the version string may sit up to 0xffff past the header
     except FileNotFoundError:
         raise RunnerError(f"{image} does not exist: give a kernel image path or one of "
-                          f"{', '.join(kernels.KERNELS)}") from None
+                          f"{', '.join(kernels.NAMES)}") from None
     except OSError as exc:
         raise RunnerError(f"cannot read {image}: {exc.strerror}; check the path and its permissions") from None
     if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
@@ -104,7 +104,7 @@ def kernel_cmdline(accel: str) -> str:
 
 def resolve_kernel(spec: str) -> tuple[Path, Path | None]:
     """--kernel is a path, or a stock kernel name that is fetched (and brings its modules) first."""
-    if not Path(spec).exists() and spec in kernels.KERNELS:
+    if not Path(spec).exists() and spec in kernels.NAMES:
         kernel = kernels.fetch(spec)
         return kernel.image, kernel.modules
     return Path(spec), None
@@ -214,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     f"suite's; {EXIT_BAD_INPUT} bad input; {EXIT_TIMEOUT} timeout; {EXIT_NO_VERDICT} the guest "
                     "ended without a verdict.")
     p.add_argument("--kernel", required=True, metavar="IMAGE",
-                   help=f"kernel image (bzImage), or a stock kernel name: {', '.join(kernels.KERNELS)}")
+                   help=f"kernel image (bzImage), or a kernel name (fetched or built first): {', '.join(kernels.NAMES)}")
     p.add_argument("--modules", type=Path, metavar="DIR",
                    help="the kernel's lib/modules/<release> (default: found beside the image)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",

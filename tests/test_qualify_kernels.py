@@ -1,4 +1,5 @@
-"""`kvmtests kernel fetch` without the network: mirror choice, package choice, the cache, the command."""
+"""`kvmtests kernel fetch` without the network: mirror choice, package choice, the cache, the command,
+and the checks around a kernel build (the build itself runs in CI, under `.ci/run`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtests import kernels, qualify
+from kvmtests import kbuild, kernels, qualify
 from kvmtests.qemu import RunnerError
 
 pytestmark = pytest.mark.selftest
@@ -67,7 +68,7 @@ def test_apt_options_keep_state_private(tmp_path: Path) -> None:
 
 
 def test_fetch_unknown_name() -> None:
-    with pytest.raises(RunnerError, match="choose one of debian-6.12, debian-6.1"):
+    with pytest.raises(RunnerError, match="choose one of debian-6.12, debian-6.1, debian-6.12-sw-protected"):
         kernels.fetch("debian-2.6")
 
 
@@ -94,3 +95,46 @@ def test_apt_failures_are_one_line(tmp_path: Path) -> None:
         kernels.apt(["false", "update"], tmp_path)
     with pytest.raises(RunnerError, match="needs Debian's apt and dpkg"):
         kernels.apt([str(tmp_path / "apt-get"), "update"], tmp_path)
+
+
+def test_built_kernel_is_instant_when_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("KVMTESTS_CACHE", str(tmp_path))
+    root = tmp_path / "kernels" / "debian-6.12-sw-protected"
+    root.mkdir(parents=True)
+    (root / "bzImage").write_bytes(b"k")
+    (root / kernels.DONE).write_text("linux-source-6.12.deb\n")
+    monkeypatch.setattr(kernels, "apt", lambda *a, **k: pytest.fail("a cached kernel must not run apt"))
+    assert kernels.fetch("debian-6.12-sw-protected") == kernels.Kernel(root / "bzImage", None)
+    parser = argparse.ArgumentParser(prog="kvmtests")
+    kernels.register(parser.add_subparsers())
+    args = parser.parse_args(["kernel", "fetch", "debian-6.12-sw-protected"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.splitlines() == [str(root / "bzImage")], "no modules line: drivers built in"
+    assert qualify.resolve_kernel("debian-6.12-sw-protected") == (root / "bzImage", None)
+
+
+def test_every_fragment_line_is_an_option_or_a_comment() -> None:
+    for fragment in kbuild.FRAGMENTS.glob("*.config"):
+        lines = [line for line in fragment.read_text().splitlines() if line.strip()]
+        options = kbuild.wanted_options(fragment)
+        comments = [line for line in lines if line.startswith("#") and " is not set" not in line]
+        assert len(options) + len(comments) == len(lines), f"{fragment.name}: a line is neither"
+    assert all(r.fragment in {f.name for f in kbuild.FRAGMENTS.glob("*.config")} for r in kernels.BUILT.values())
+    assert kbuild.wanted_options(kbuild.FRAGMENTS / "sw-protected-vm.config")["CONFIG_KVM_SW_PROTECTED_VM"] == "y"
+
+
+def test_config_mismatches_name_what_kconfig_dropped(tmp_path: Path) -> None:
+    fragment = tmp_path / "f.config"
+    fragment.write_text("# why\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=m\n# CONFIG_D is not set\n")
+    wanted = kbuild.wanted_options(fragment)
+    assert wanted == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": "m", "CONFIG_D": "n"}
+    config = "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n"
+    assert kbuild.config_mismatches(config, wanted) == ["CONFIG_B=n (got y)", "CONFIG_C=m (got n)"]
+
+
+def test_missing_build_tools_are_one_clear_error() -> None:
+    with pytest.raises(RunnerError, match=r"needs flex, /usr/include/gelf.h: install the kernel build tools"):
+        kbuild.check_tools(which=lambda tool: None if tool == "flex" else f"/usr/bin/{tool}",
+                           exists=lambda path: not path.endswith("gelf.h"))
+    kbuild.check_tools(which=lambda tool: f"/usr/bin/{tool}", exists=lambda path: True)
