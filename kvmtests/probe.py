@@ -64,13 +64,18 @@ def tdp() -> str:
     return f"{'on' if value in ('Y', '1') else 'off'} ({name}={value})"
 
 
-def environment() -> str:
-    """Bare metal, or under which hypervisor (QEMU TCG/KVM as the qualification runner says)."""
+def qemu_accel() -> str | None:
+    """The QEMU accelerator (tcg, kvm) under kvmtests qualify, else None."""
     accel = os.environ.get("KVMTESTS_ACCEL")
-    cmdline = _read("/proc/cmdline") or ""
-    for word in cmdline.split():
+    for word in (_read("/proc/cmdline") or "").split():
         if word.startswith("kvmtests.accel="):
             accel = word.split("=", 1)[1]
+    return accel or None
+
+
+def environment() -> str:
+    """Bare metal, or under which hypervisor (QEMU TCG/KVM as the qualification runner says)."""
+    accel = qemu_accel()
     if accel:
         return f"QEMU/{accel.upper()} (kvmtests qualify)"
     cpuinfo = _read("/proc/cpuinfo") or ""
