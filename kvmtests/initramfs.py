@@ -195,7 +195,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mark() {{ echo "{MARK} $1 $(cut -d' ' -f1 /proc/uptime) $2"; }}
 die() {{ echo "{MARK} init-failed 0 $*"; sync; poweroff -f; echo o > /proc/sysrq-trigger; sleep 5; }}
-load() {{ for m in $(cat /modules/$1.list); do insmod /modules/$m.ko || echo "kvmtests: insmod $m failed"; done; }}
+params() {{ for w in $(cat /proc/cmdline); do case "$w" in "$1".*=*) echo "${{w#"$1".}}" ;; esac; done; }}
+load() {{ for m in $(cat /modules/$1.list); do insmod /modules/$m.ko $(params $m) || echo "kvmtests: insmod $m failed"; done; }}
 mark init
 load base
 case "$(grep -m1 vendor_id /proc/cpuinfo)" in

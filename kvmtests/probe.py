@@ -61,7 +61,9 @@ def tdp() -> str:
     if setting is None:
         return f"unknown ({vendor_module()} has no ept/npt parameter)"
     name, value = setting
-    return f"{'on' if value in ('Y', '1') else 'off'} ({name}={value})"
+    mmu = _read("/sys/module/kvm/parameters/tdp_mmu")
+    mmu_note = f", kvm.tdp_mmu={mmu}" if mmu is not None and value in ("Y", "1") else ""
+    return f"{'on' if value in ('Y', '1') else 'off'} ({name}={value}{mmu_note})"
 
 
 def qemu_accel() -> str | None:

@@ -97,9 +97,9 @@ def guest_env(accel: str, host_env: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def kernel_cmdline(accel: str) -> str:
-    """Console on the serial port, a panic ends QEMU, and the suite can tell it runs under QEMU."""
-    return f"console=ttyS0 panic=-1 kvmtests.accel={accel}"
+def kernel_cmdline(accel: str, extra: str = "") -> str:
+    """Console on the serial port, a panic ends QEMU, the suite can tell it runs under QEMU; then --append."""
+    return f"console=ttyS0 panic=-1 kvmtests.accel={accel} {extra}".strip()
 
 
 def resolve_kernel(spec: str) -> tuple[Path, Path | None]:
@@ -175,7 +175,7 @@ def qualify(args: argparse.Namespace) -> int:
             for absent in initramfs.build(initrd, busybox, modules, plan):
                 print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
             cfg = qemu.MachineConfig(
-                kernel=image, initrd=initrd, append=kernel_cmdline(accel), accel=accel,
+                kernel=image, initrd=initrd, append=kernel_cmdline(accel, args.append), accel=accel,
                 cpu=args.cpu or ("host" if accel == "kvm" else "max"), mem=args.mem, smp=args.smp,
                 shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, results, False)))
             print(f"qualify: booting {image} ({release}) under QEMU {accel}, -cpu {cfg.cpu}, "
@@ -220,6 +220,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="auto: KVM when the host offers nested VMX/SVM, else TCG")
     p.add_argument("--cpu", metavar="MODEL", help="QEMU CPU model (default: host with KVM, max with TCG)")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="more kernel command line, e.g. 'kvm.tdp_mmu=N' or 'kvm_amd.npt=0' (module parameters "
+                        "reach KVM built in or loaded as a module alike)")
     p.add_argument("--mem", default="2G", metavar="SIZE", help="guest memory (default 2G)")
     p.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1: TCG guests oopsed with 2)")
     p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",

@@ -269,6 +269,18 @@ def test_initramfs_for_a_kernel_with_drivers_built_in(tmp_path: Path, busybox: P
     assert not [n for n in entries if n.endswith(".ko")]
 
 
+def test_init_passes_module_parameters_from_the_kernel_command_line(tmp_path: Path) -> None:
+    """kvm_amd.npt=0 on the command line reaches `insmod kvm_amd.ko`, as modprobe would pass it."""
+    script = initramfs.init_script(plan(tmp_path))
+    params = next(line for line in script.splitlines() if line.startswith("params()"))
+    assert "insmod /modules/$m.ko $(params $m)" in script
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 kvm_amd.npt=0 kvm.tdp_mmu=N kvm_amd.nested=1 kvm_amdx.y=2\n")
+    shell = params.replace("/proc/cmdline", str(cmdline)) + '\nfor m in kvm_amd kvm 9p; do echo "$m:" $(params $m); done'
+    out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["kvm_amd: npt=0 nested=1", "kvm: tdp_mmu=N", "9p:"]
+
+
 def test_init_script_runs_suite_in_overlay_and_powers_off(tmp_path: Path) -> None:
     script = initramfs.init_script(plan(tmp_path))
     assert script.startswith("#!/bin/busybox sh\n")
@@ -324,6 +336,7 @@ def test_suite_command_and_env(tmp_path: Path) -> None:
     env = qualify.guest_env("tcg", {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "SECRET": "x"})
     assert env == {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "KVMTESTS_ACCEL": "tcg", "TERM": "dumb"}
     assert "kvmtests.accel=tcg" in qualify.kernel_cmdline("tcg") and "panic=-1" in qualify.kernel_cmdline("tcg")
+    assert qualify.kernel_cmdline("tcg", "kvm.tdp_mmu=N").endswith("kvmtests.accel=tcg kvm.tdp_mmu=N")
 
 
 # --- results --------------------------------------------------------------------------------------
