@@ -187,8 +187,8 @@ def hv_exits_verdict(results: list[tuple[str, hyperv.Outcome]]) -> Detection:
     stayed = [(what, out) for what, out in results if not out.exited]
     if not exited:
         return Detection("hv_exits", ABSENT, said(stayed))
-    how = f"slow {', '.join(exited)} exit to userspace"
-    return Detection("hv_exits", PRESENT, how + (f"; {said(stayed)}" if stayed else ""), said(stayed))
+    how, gap = f"slow {', '.join(exited)} exit to userspace", said(stayed)
+    return Detection("hv_exits", PRESENT, f"{how}; {gap}" if gap else how, gap)
 
 
 XMM_PATTERN = [(0x1111111111111111 * (i + 1), 0x0101010101010101 * (i + 0x10)) for i in range(6)]

@@ -50,6 +50,7 @@ def config_mismatches(config: str, wanted: dict[str, str]) -> list[str]:
 
 def check_tools(which: Callable[[str], str | None] = shutil.which,
                 exists: Callable[[str], bool] = os.path.exists) -> None:
+    """Fail before minutes of unpacking when a build tool or header is missing."""
     missing = [t for t in TOOLS if which(t) is None] + [h for h in HEADERS if not exists(h)]
     if missing:
         raise RunnerError(f"building a kernel needs {', '.join(missing)}: {INSTALL_HINT}")

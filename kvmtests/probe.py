@@ -61,9 +61,10 @@ def tdp() -> str:
     if setting is None:
         return f"unknown ({vendor_module()} has no ept/npt parameter)"
     name, value = setting
+    on = value in ("Y", "1")
     mmu = _read("/sys/module/kvm/parameters/tdp_mmu")
-    mmu_note = f", kvm.tdp_mmu={mmu}" if mmu is not None and value in ("Y", "1") else ""
-    return f"{'on' if value in ('Y', '1') else 'off'} ({name}={value}{mmu_note})"
+    mmu_note = f", kvm.tdp_mmu={mmu}" if on and mmu is not None else ""
+    return f"{'on' if on else 'off'} ({name}={value}{mmu_note})"
 
 
 def qemu_accel() -> str | None:
