@@ -1,1 +1,1 @@
-pytest_plugins = ["kvmtests.plugin", "pytester"]
+pytest_plugins = ["kvmtests.verdict.plugin", "pytester"]

@@ -6,11 +6,12 @@ import sys
 
 from tabulate import tabulate
 
-from . import bench, kernels, qualify
+from . import bench
+from .runner import kernels, qualify
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probe import probe_tables
+    from .verdict.probe import probe_tables
     for title, rows, headers in probe_tables():
         print(f"== {title}")
         print(tabulate(rows, headers=headers if any(headers) else (), tablefmt="simple"))
@@ -21,7 +22,7 @@ def _probe(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from . import report
+    from .verdict import report
     try:
         doc = report.load(args.file)
     except (OSError, ValueError, KeyError) as e:

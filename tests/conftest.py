@@ -3,7 +3,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmtests.kvm import Kvm, Vm
+from kvmtests.machine.kvm import Kvm, Vm
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
-from kvmtests import memfault, uapi
-from kvmtests.kvm import Kvm
-from kvmtests.memfault import EXEC, KINDS, PAGE, READ, WRITE, attr_names
+from kvmtests import uapi
+from kvmtests.machine import memfault
+from kvmtests.machine.kvm import Kvm
+from kvmtests.machine.memfault import EXEC, KINDS, PAGE, READ, WRITE, attr_names
 
 PROFILE_ENV, SEED_ENV = "KVMTESTS_HYPOTHESIS_PROFILE", "KVMTESTS_HYPOTHESIS_SEED"
 _common = dict(deadline=None, database=None, print_blob=True,

@@ -1,7 +1,8 @@
 """CPUID leaves 0x40000000 and up reach the guest as set; MSR exits to userspace are completed by the test."""
 import pytest
 
-from kvmtests import guest, uapi
+from kvmtests import uapi
+from kvmtests.machine import guest
 
 HV_RANGE_LEAVES = [
     {"function": 0x40000000, "eax": 0x40000010, "ebx": 0x74736574, "ecx": 0x6d766b2d, "edx": 0x73747365},

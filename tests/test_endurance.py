@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmtests import guest
-from kvmtests.kvm import Kvm
+from kvmtests.machine import guest
+from kvmtests.machine.kvm import Kvm
 
 pytestmark = pytest.mark.slow
 CYCLES = 1000

@@ -1,7 +1,8 @@
 """Basic exits to userspace, exact to the byte: port I/O, MMIO, HLT, read-only memslots, guest exceptions."""
 import pytest
 
-from kvmtests import guest, uapi
+from kvmtests import uapi
+from kvmtests.machine import guest
 from kvmtests.uapi import ffi
 
 PIO_PORT = 0x3F8

@@ -4,8 +4,10 @@ import os
 
 import pytest
 
-from kvmtests import guest, health, memfault, probe, uapi
-from kvmtests.memfault import EXEC, PAGE, READ, WRITE, attr_names, expect_done, expect_fault
+from kvmtests import uapi
+from kvmtests.machine import guest, health, memfault
+from kvmtests.machine.memfault import EXEC, PAGE, READ, WRITE, attr_names, expect_done, expect_fault
+from kvmtests.machine import host
 
 NR, NW, NX = uapi.KVM_MEMORY_ATTRIBUTE_NR, uapi.KVM_MEMORY_ATTRIBUTE_NW, uapi.KVM_MEMORY_ATTRIBUTE_NX
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -77,7 +79,7 @@ def test_exactly_one_access_flag(prober, series, value, kind):
     """P09: exactly one of READ/WRITE/EXEC, WRITE over EXEC over READ; a locked read-modify-write (a read
     and a write) reports WRITE alone. Rows of the P09 group: no upstream expectation."""
     series.require("fault_rwx_flags")
-    if kind == memfault.RMW and probe.qemu_accel() == "tcg" and os.cpu_count() == 1:
+    if kind == memfault.RMW and host.qemu_accel() == "tcg" and os.cpu_count() == 1:
         pytest.skip("needs a CPU that faults a locked read-modify-write as one write: single-threaded QEMU TCG "
                     "(one vCPU) runs xchg as a load, then a store, so the read faults first (with --smp 2 the "
                     "row runs)")
@@ -214,7 +216,7 @@ def test_page_walk_through_no_access_page_table(prober, series):
         kind = WRITE
     else:
         pytest.skip(f"needs Intel EPT or AMD NPT to know how the walk's access is reported (vendor module "
-                    f"{probe.vendor_module()}, CPU {probe.cpu_vendor()})")
+                    f"{host.vendor_module()}, CPU {host.cpu_vendor()})")
     m = prober.m
     gva = PAGE_A
     pt_page = m.pte_gpa(gva) & ~(PAGE - 1)

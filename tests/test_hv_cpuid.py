@@ -1,8 +1,9 @@
 """KVM_GET_SUPPORTED_HV_CPUID: the series' new 0x40000003 bits (catalog 9-14) and the exit type (15)."""
 import pytest
 
-from kvmtests import hvtlfs, hyperv, uapi
-from kvmtests.kvm import Unavailable
+from kvmtests import hvtlfs, uapi
+from kvmtests.machine import hyperv
+from kvmtests.machine.kvm import Unavailable
 
 # (catalog number, register, bit, feature group that advertises it, name)
 NEW_BITS = [

@@ -1,9 +1,10 @@
 """Hyper-V hypercalls that the series sends to userspace, their completion and XMM input/output (catalog 80-110)."""
 import pytest
 
-from kvmtests import hvtlfs, hyperv
+from kvmtests import hvtlfs
 from kvmtests.hvtlfs import control, status_name
-from kvmtests.hyperv import RAX_SENTINEL, CpuidBits
+from kvmtests.machine import hyperv
+from kvmtests.machine.hyperv import RAX_SENTINEL, CpuidBits
 
 RDX, R8 = 0x1122334455667788, 0x0123456789ABCDEF   # never dereferenced: KVM exits (or fails) before reading
 XMM_IN = [(0xA0A0A0A000000000 | i, 0xB0B0B0B000000000 | i) for i in range(6)]

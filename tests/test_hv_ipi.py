@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvmtests import hvtlfs, hyperv
+from kvmtests import hvtlfs
 from kvmtests.hvtlfs import status_name
-from kvmtests.hyperv import CpuidBits
+from kvmtests.machine import hyperv
+from kvmtests.machine.hyperv import CpuidBits
 
 VECTOR, BAD_VECTOR = 0x30, 0x05
 TARGET = 1

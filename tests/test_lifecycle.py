@@ -2,10 +2,10 @@
 import errno
 import os
 
-import pytest
 
-from kvmtests import guest, uapi
-from kvmtests.kvm import Kvm
+from kvmtests import uapi
+from kvmtests.machine import guest
+from kvmtests.machine.kvm import Kvm
 
 
 def open_fds() -> set[str]:

@@ -4,8 +4,9 @@ import errno
 
 import pytest
 
-from kvmtests import memfault, uapi
-from kvmtests.memfault import PAGE, attr_names
+from kvmtests import uapi
+from kvmtests.machine import memfault
+from kvmtests.machine.memfault import PAGE, attr_names
 
 GPA = 0x200000
 NO_SLOT_GPA = 0x700000000

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from kvmtests import guest, hvtlfs, hyperv, uapi
+from kvmtests import hvtlfs, uapi
+from kvmtests.machine import guest, hyperv
 
 NON_X86 = [uapi.KVM_MP_STATE_STOPPED, uapi.KVM_MP_STATE_CHECK_STOP, uapi.KVM_MP_STATE_OPERATING,
            uapi.KVM_MP_STATE_LOAD, uapi.KVM_MP_STATE_SUSPENDED]

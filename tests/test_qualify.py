@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmtests import initramfs, qemu, qualify
-from kvmtests.qemu import RunnerError
+from kvmtests.runner import console, initramfs, qemu, qualify
+from kvmtests.runner.console import RunnerError
 
 pytestmark = pytest.mark.selftest
 
@@ -135,19 +135,19 @@ def test_qemu_command_shares_root_readonly_and_results_writable(tmp_path: Path) 
 
 
 def test_parse_mark() -> None:
-    assert qemu.parse_mark("@@kvmtests@@ suite-start 3.10 ") == "suite-start"
-    assert qemu.parse_mark("[    1.0] @@kvmtests@@ suite-start") is None
-    assert qemu.parse_mark("") is None
+    assert console.parse_mark("@@kvmtests@@ suite-start 3.10 ") == "suite-start"
+    assert console.parse_mark("[    1.0] @@kvmtests@@ suite-start") is None
+    assert console.parse_mark("") is None
 
 
 def fake_qemu(script: str) -> list[str]:
     return [sys.executable, "-c", "import sys, time\n" + script]
 
 
-def test_run_qemu_records_marks_log_and_lines(tmp_path: Path) -> None:
+def test_run_console_records_marks_log_and_lines(tmp_path: Path) -> None:
     seen: list[str] = []
     log = tmp_path / "console.log"
-    run = qemu.run_qemu(fake_qemu("print('boot\\r'); print('@@kvmtests@@ suite-start 1.0'); "
+    run = console.run_console(fake_qemu("print('boot\\r'); print('@@kvmtests@@ suite-start 1.0'); "
                                   "print('@@kvmtests@@ suite-end 2.0 rc=0'); sys.exit(3)"),
                         log, timeout=30, boot_timeout=30, on_line=seen.append)
     assert run.returncode == 3 and run.timed_out is None
@@ -160,9 +160,9 @@ def test_run_qemu_records_marks_log_and_lines(tmp_path: Path) -> None:
     ("print('booting', flush=True); time.sleep(60)", 60, 0.4, "boot"),
     ("print('@@kvmtests@@ suite-start 1.0', flush=True); time.sleep(60)", 0.8, 60, "suite"),
 ])
-def test_run_qemu_kills_at_deadline(tmp_path: Path, script: str, timeout: float, boot_timeout: float,
+def test_run_console_kills_at_deadline(tmp_path: Path, script: str, timeout: float, boot_timeout: float,
                                     phase: str) -> None:
-    run = qemu.run_qemu(fake_qemu(script), tmp_path / "log", timeout=timeout, boot_timeout=boot_timeout)
+    run = console.run_console(fake_qemu(script), tmp_path / "log", timeout=timeout, boot_timeout=boot_timeout)
     assert run.timed_out == phase and run.returncode is None
     assert run.elapsed < 20
 
@@ -341,8 +341,8 @@ def test_suite_command_and_env(tmp_path: Path) -> None:
 
 # --- results --------------------------------------------------------------------------------------
 
-def run_result(marks: dict[str, float], timed_out: str | None = None, rc: int | None = 0) -> qemu.RunResult:
-    return qemu.RunResult(returncode=rc, timed_out=timed_out, elapsed=9.0, marks=marks,
+def run_result(marks: dict[str, float], timed_out: str | None = None, rc: int | None = 0) -> console.RunResult:
+    return console.RunResult(returncode=rc, timed_out=timed_out, elapsed=9.0, marks=marks,
                           tail=[f"line {i}" for i in range(20)])
 
 
@@ -372,7 +372,7 @@ def test_report_guest_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_report_empty_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run = qemu.RunResult(returncode=None, timed_out="boot", elapsed=300.0)
+    run = console.RunResult(returncode=None, timed_out="boot", elapsed=300.0)
     assert qualify.report(tmp_path, run, 300, 3600) == qualify.EXIT_TIMEOUT
     assert capsys.readouterr().out.splitlines()[-1] == "  | (the console printed nothing)"
 

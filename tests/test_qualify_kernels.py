@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmtests import kbuild, kernels, qualify
-from kvmtests.qemu import RunnerError
+from kvmtests.runner import kbuild, kernels, qualify
+from kvmtests.runner.console import RunnerError
 
 pytestmark = pytest.mark.selftest
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import kcidb_io
 import pytest
 
-from kvmtests import features, hyperv, probe, report, tracefs
-from kvmtests.features import Detection
+from kvmtests.machine import host, hyperv, tracefs
+from kvmtests.verdict import features, report
+from kvmtests.verdict.features import Detection
 
 pytestmark = pytest.mark.selftest
 GOLDEN = Path(__file__).parent / "golden"
@@ -99,7 +100,7 @@ def test_layout():
 def test_plugin_without_kvm_device_gates_and_summarises(pytester, workers):
     """No /dev/kvm: one skip reason; --require series fails with one line per group; JSON written."""
     pytester.makepyfile(test_sample=PLUGIN_TEST)
-    pytester.makeconftest("pytest_plugins = ['kvmtests.plugin']")
+    pytester.makeconftest("pytest_plugins = ['kvmtests.verdict.plugin']")
     env_dev = "/nonexistent-kvm"
     pytester._monkeypatch.setenv("KVMTESTS_DEV", env_dev)
     result = pytester.runpytest_subprocess("-n", workers, "-rs", "--require", "series",
@@ -175,4 +176,4 @@ def test_whole_series_or_nothing_is_no_finding(monkeypatch):
 def test_host_identity_names_the_serving_vendor_module(tmp_path, present, flags, serving):
     for module in present:
         (tmp_path / module / "parameters").mkdir(parents=True)
-    assert probe.vendor_modules(tmp_path, flags) == serving
+    assert host.vendor_modules(tmp_path, flags) == serving

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmtests import memfault, tracefs, uapi
-from kvmtests.memfault import PAGE, READ, WRITE
+from kvmtests import uapi
+from kvmtests.machine import memfault, tracefs
+from kvmtests.machine.memfault import PAGE, READ, WRITE
 
 NW = uapi.KVM_MEMORY_ATTRIBUTE_NW
 SET_NAME = tracefs.SET_ATTRS_EVENT.split("/")[1]

@@ -15,10 +15,12 @@ from typing import Callable
 
 from tabulate import tabulate
 
-from .. import asm, guest, uapi
-from ..kvm import Kvm, Unavailable, Vm
-from ..uapi import _libc, ffi
-from ..watchdog import watcher
+from kvmtests import uapi
+from kvmtests.machine import asm, guest
+from kvmtests.machine.kvm import Kvm, Unavailable, Vm
+from kvmtests.machine.tools import ToolMissing, require
+from kvmtests.machine.watchdog import watcher
+from kvmtests.uapi import _libc, ffi
 
 SOURCE = Path(__file__).parent / "ops.c"
 TARGET_RATIO = 1.1
@@ -28,8 +30,10 @@ ATTR_GPA = 0x200000
 
 def build_c() -> Path:
     """Compile ops.c into the cache (keyed by its content) and return the binary."""
-    if shutil.which("gcc") is None:
-        raise Unavailable("gcc not found: install gcc (scripts/install.sh)")
+    try:
+        require("gcc", "gcc")
+    except ToolMissing as e:
+        raise Unavailable(str(e)) from None
     key = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     out = asm.cache_dir().parent / "bench" / f"ops-{key}"
     if not out.exists():

@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import kvmtests
-from kvmtests import initramfs, kernels, qemu
-from kvmtests.qemu import RunnerError
-from kvmtests.report import render_file
+from kvmtests.verdict.report import render_file
+
+from . import console, initramfs, kernels, qemu
+from .console import RunnerError
 
 PROJECT_DIR = Path(kvmtests.__file__).resolve().parent.parent
-PYTEST_PLUGIN = "kvmtests.plugin"  # provides --kvmtests-json
+PYTEST_PLUGIN = "kvmtests.verdict.plugin"  # provides --kvmtests-json
 ROOT_TAG = "hostroot"
 RESULTS_TAG = "results"
 EXIT_BAD_INPUT = 2
@@ -115,14 +116,14 @@ def pytest_args(remainder: Sequence[str]) -> list[str]:
     return list(remainder[1:] if remainder[:1] == ["--"] else remainder)
 
 
-def report(results: Path, run: qemu.RunResult, boot_timeout: float, timeout: float) -> int:
+def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: float) -> int:
     """Print phase times, the verdict or the one-line failure, and where the outputs are; return the exit code."""
     log = results / "console.log"
     rc_file = results / "rc"
     summary = results / "results.json"
     if rc_file.exists() and summary.exists():
         print(render_file(summary))
-    start, end = run.marks.get(qemu.SUITE_START), run.marks.get(qemu.SUITE_END)
+    start, end = run.marks.get(console.SUITE_START), run.marks.get(console.SUITE_END)
     if start is not None:
         print(f"qualify: boot {start:.1f} s (QEMU start until the suite started)")
     if start is not None and end is not None:
@@ -138,7 +139,7 @@ def report(results: Path, run: qemu.RunResult, boot_timeout: float, timeout: flo
     elif run.timed_out == "suite":
         line, code = f"the suite did not finish within {timeout:g} s", EXIT_TIMEOUT
     elif "init-failed" in run.marks:
-        failed = next(t for t in reversed(run.tail) if qemu.parse_mark(t) == "init-failed")
+        failed = next(t for t in reversed(run.tail) if console.parse_mark(t) == "init-failed")
         line, code = f"the guest's /init failed: {failed.split(None, 3)[-1]}", EXIT_NO_VERDICT
     elif start is not None:
         line, code = (f"the guest stopped before the suite finished (QEMU exit status {run.returncode})",
@@ -180,7 +181,7 @@ def qualify(args: argparse.Namespace) -> int:
                 shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, results, False)))
             print(f"qualify: booting {image} ({release}) under QEMU {accel}, -cpu {cfg.cpu}, "
                   f"{cfg.smp} vCPU, {cfg.mem}; {f'modules from {modules}' if modules else 'no modules'}", flush=True)
-            run = qemu.run_qemu(qemu.qemu_command(cfg, binary), results / "console.log", args.timeout,
+            run = console.run_console(qemu.qemu_command(cfg, binary), results / "console.log", args.timeout,
                                 min(args.boot_timeout, args.timeout), suite_echo())
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
@@ -196,9 +197,9 @@ def suite_echo() -> Callable[[str], None]:
     state = {"on": False}
 
     def echo(line: str) -> None:
-        mark = qemu.parse_mark(line)
-        if mark in (qemu.SUITE_START, qemu.SUITE_END):
-            state["on"] = mark == qemu.SUITE_START
+        mark = console.parse_mark(line)
+        if mark in (console.SUITE_START, console.SUITE_END):
+            state["on"] = mark == console.SUITE_START
         elif state["on"]:
             print(line, flush=True)
 

@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtests.qemu import MARK, SUITE_END, SUITE_START, RunnerError
+from .console import MARK, SUITE_END, SUITE_START, RunnerError
 
 BUSYBOX = Path("/bin/busybox")
 # Module groups /init loads: "base" always, then the one matching the CPU vendor.

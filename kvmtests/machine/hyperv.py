@@ -5,7 +5,9 @@ import errno
 import struct
 from dataclasses import dataclass, field
 
-from . import guest, hvtlfs, uapi
+from kvmtests import hvtlfs, uapi
+
+from . import guest
 from .kvm import Kvm, Unavailable, Vm
 
 XMM_IN_GPA = guest.UCALL_GPA + 0x800

@@ -12,8 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtests import kbuild
-from kvmtests.qemu import RunnerError
+from . import kbuild
+from .console import RunnerError
 
 SUITES = ("bookworm", "bookworm-backports")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"

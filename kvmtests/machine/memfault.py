@@ -5,7 +5,9 @@ import errno
 import os
 from dataclasses import dataclass
 
-from . import guest, probe, uapi
+from kvmtests import uapi
+
+from . import guest, host
 from .kvm import Unavailable, Vcpu, Vm
 
 PAGE = 0x1000
@@ -78,7 +80,7 @@ def _on(value: str | None) -> bool:
 
 def tdp() -> bool | None:
     """TDP (EPT/NPT) on, off, or None where the vendor module does not say."""
-    setting = probe.tdp_setting()
+    setting = host.tdp_setting()
     return None if setting is None else _on(setting[1])
 
 
@@ -86,14 +88,14 @@ def require_tdp() -> None:
     """Catalog C assumes TDP: under shadow paging a supervisor read of an NR page is not denied."""
     state = tdp()
     if state is None:
-        raise Unavailable(f"needs TDP (EPT/NPT); cannot tell from {probe.vendor_module()}")
+        raise Unavailable(f"needs TDP (EPT/NPT); cannot tell from {host.vendor_module()}")
     if not state:
         raise Unavailable("needs TDP: kvm_intel.ept / kvm_amd.npt is off (shadow paging checks NR only at CPL 3)")
 
 
 def intel_ept() -> bool:
     """Intel VMX with EPT: the only hosts where insn_len is the instruction length (P10)."""
-    return probe.cpu_vendor() == "GenuineIntel" and _on(_param("kvm_intel", "ept"))
+    return host.cpu_vendor() == "GenuineIntel" and _on(_param("kvm_intel", "ept"))
 
 
 def intel_ept_ad() -> bool:
@@ -103,7 +105,7 @@ def intel_ept_ad() -> bool:
 
 def amd_npt() -> bool:
     """AMD (or Hygon) SVM with NPT."""
-    return probe.cpu_vendor() in ("AuthenticAMD", "HygonGenuine") and _on(_param("kvm_amd", "npt"))
+    return host.cpu_vendor() in ("AuthenticAMD", "HygonGenuine") and _on(_param("kvm_amd", "npt"))
 
 
 # --- guest accesses ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtests.qemu import RunnerError
+from .console import RunnerError
 
 FRAGMENTS = Path(__file__).parent / "kconfig"
 BASE_CONFIGS = ("x86_64_defconfig", "kvm_guest.config")
@@ -27,7 +27,7 @@ class Recipe:
     """Which source package to build and what to merge over the base configs."""
 
     source: str       # Debian binary package that ships the source tarball, e.g. linux-source-6.12
-    fragment: str     # file in kvmtests/kconfig
+    fragment: str     # file in kvmtests/runner/kconfig
     about: str
 
 

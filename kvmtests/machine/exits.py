@@ -1,7 +1,8 @@
 """Exit decoding into words for failure messages."""
 from __future__ import annotations
 
-from . import uapi
+from kvmtests import uapi
+
 from .kvm import Vcpu
 
 

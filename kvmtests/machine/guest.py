@@ -4,8 +4,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from . import asm, uapi
-from .kvm import Exit, Vcpu, Vm
+from kvmtests import uapi
+
+from . import asm
+from .kvm import Vcpu, Vm
 
 PAGE = 0x1000
 

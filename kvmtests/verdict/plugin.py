@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from . import features, health, probe
+from kvmtests.machine import health
+from kvmtests.machine.kvm import Kvm, Unavailable, dev_kvm_path
+
+from . import features, probe
 from . import report as results
-from .kvm import Kvm, Unavailable, dev_kvm_path
 
 REQUIRE_ENV = "KVMTESTS_REQUIRE"
 _results = pytest.StashKey[dict]()

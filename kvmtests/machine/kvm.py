@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import uapi
-from .uapi import ffi, ioctl
+from kvmtests import uapi
+from kvmtests.uapi import ffi, ioctl
+
 from .watchdog import watcher
 
 DEV_KVM_ENV = "KVMTESTS_DEV"

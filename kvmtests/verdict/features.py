@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from . import guest, hvtlfs, hyperv, tracefs, uapi
-from .kvm import Kvm, Unavailable
+from kvmtests import hvtlfs, uapi
+from kvmtests.machine import guest, hyperv, tracefs
+from kvmtests.machine.kvm import Kvm, Unavailable
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
 

@@ -1,8 +1,8 @@
-"""Assemble the QEMU command line for a qualification run and run QEMU under a hard timeout."""
+"""What every emulator run shares: the console markers /init prints, the one-line runner error, and a
+process run whose console is logged and which is killed at the boot or overall deadline."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QEMU_BINARY = "qemu-system-x86_64"
 # Lines that /init prints to the console: MARK, a name, the guest's uptime, optional words.
 MARK = "@@kvmtests@@"
 SUITE_START = "suite-start"
@@ -22,72 +21,15 @@ class RunnerError(Exception):
     """A bad input or a missing host tool: reported as one line that says what to do."""
 
 
-@dataclass(frozen=True)
-class Share:
-    """A host directory exported to the guest over virtio-9p."""
-
-    tag: str
-    path: Path
-    readonly: bool
-
-
-@dataclass(frozen=True)
-class MachineConfig:
-    """Everything that decides the QEMU command line."""
-
-    kernel: Path
-    initrd: Path
-    append: str
-    accel: str
-    cpu: str
-    mem: str
-    smp: int
-    shares: tuple[Share, ...]
-
-
 @dataclass
 class RunResult:
-    """What a QEMU run left behind: exit status, timing marks and the console's last lines."""
+    """What an emulator run left behind: exit status, timing marks and the console's last lines."""
 
     returncode: int | None
     timed_out: str | None
     elapsed: float
     marks: dict[str, float] = field(default_factory=dict)
     tail: list[str] = field(default_factory=list)
-
-
-def find_qemu() -> str:
-    """Locate the QEMU binary so a missing install fails before anything is built."""
-    path = shutil.which(QEMU_BINARY)
-    if path is None:
-        raise RunnerError(f"{QEMU_BINARY} not found: install qemu-system-x86 (scripts/install.sh)")
-    return path
-
-
-def qemu_command(cfg: MachineConfig, binary: str = QEMU_BINARY) -> list[str]:
-    """Build the QEMU argv: no display, console on stdout, no reboot, one 9p device per share."""
-    cmd = [
-        binary,
-        "-nodefaults",
-        "-no-user-config",
-        "-no-reboot",
-        "-display", "none",
-        "-monitor", "none",
-        "-serial", "stdio",
-        "-machine", f"q35,accel={cfg.accel}",
-        "-cpu", cfg.cpu,
-        "-smp", str(cfg.smp),
-        "-m", cfg.mem,
-        "-kernel", str(cfg.kernel),
-        "-initrd", str(cfg.initrd),
-        "-append", cfg.append,
-    ]
-    for share in cfg.shares:
-        fsdev = f"local,id={share.tag},path={share.path},security_model=none,multidevs=remap"
-        if share.readonly:
-            fsdev += ",readonly=on"
-        cmd += ["-fsdev", fsdev, "-device", f"virtio-9p-pci,fsdev={share.tag},mount_tag={share.tag}"]
-    return cmd
 
 
 def parse_mark(line: str) -> str | None:
@@ -98,14 +40,14 @@ def parse_mark(line: str) -> str | None:
     return None
 
 
-def run_qemu(
+def run_console(
     cmd: Sequence[str],
     log_path: Path,
     timeout: float,
     boot_timeout: float,
     on_line: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Run QEMU, copy its console to log_path, and kill it at the boot or overall deadline."""
+    """Run an emulator, copy its console (stdout) to log_path, and kill it at the boot or overall deadline."""
     start = time.monotonic()
     marks: dict[str, float] = {}
     tail: deque[str] = deque(maxlen=20)

@@ -10,12 +10,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ASM_DIR = Path(__file__).parent / "guestasm"
+from .tools import require
+
+ASM_DIR = Path(__file__).parent.parent / "guestasm"
 CACHE_ENV = "KVMTESTS_CACHE"
-
-
-class ToolMissing(RuntimeError):
-    """binutils is not installed."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +51,7 @@ def _key(source: str, includes: list[str], bits: int, base: int, defines: dict[s
 
 
 def _run(cmd: list[str], cwd: str) -> None:
-    if shutil.which(cmd[0]) is None:
-        raise ToolMissing(f"{cmd[0]} not found: install binutils (scripts/install.sh)")
+    require(cmd[0], "binutils")
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")

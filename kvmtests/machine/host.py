@@ -1,0 +1,85 @@
+"""Who serves /dev/kvm here: CPU vendor and flags, vendor module, TDP, and the environment around the host."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
+TDP_PARAMS = {"kvm_intel": "ept", "kvm_amd": "npt"}
+CPU_FLAG = {"kvm_intel": "vmx", "kvm_amd": "svm"}   # what each needs from the CPU; kvm_pvm needs neither
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def vendor_modules(sys_module: Path = Path("/sys/module"), flags: set[str] | None = None) -> list[str]:
+    """The vendor modules that can be serving /dev/kvm: loaded or built in, and backed by the CPU (a kernel
+    with kvm_intel and kvm_amd both built in shows both in /sys/module, and both have parameters)."""
+    flags = cpu_flags() if flags is None else flags
+    present = [m for m in VENDOR_MODULES if (sys_module / m).is_dir()]
+    return [m for m in present if m not in CPU_FLAG or CPU_FLAG[m] in flags]
+
+
+def vendor_module() -> str:
+    return ", ".join(vendor_modules()) or "none loaded"
+
+
+def tdp_setting() -> tuple[str, str] | None:
+    """The serving vendor module's ept/npt parameter and its value, or None where it has none."""
+    for module in vendor_modules():
+        if module in TDP_PARAMS:
+            value = _read(f"/sys/module/{module}/parameters/{TDP_PARAMS[module]}")
+            if value is not None:
+                return f"{module}.{TDP_PARAMS[module]}", value
+    return None
+
+
+def tdp() -> str:
+    """TDP (EPT/NPT) as the vendor module reports it."""
+    setting = tdp_setting()
+    if setting is None:
+        return f"unknown ({vendor_module()} has no ept/npt parameter)"
+    name, value = setting
+    on = value in ("Y", "1")
+    mmu = _read("/sys/module/kvm/parameters/tdp_mmu")
+    mmu_note = f", kvm.tdp_mmu={mmu}" if on and mmu is not None else ""
+    return f"{'on' if on else 'off'} ({name}={value}{mmu_note})"
+
+
+def qemu_accel() -> str | None:
+    """The QEMU accelerator (tcg, kvm) under kvmtests qualify, else None."""
+    accel = os.environ.get("KVMTESTS_ACCEL")
+    for word in (_read("/proc/cmdline") or "").split():
+        if word.startswith("kvmtests.accel="):
+            accel = word.split("=", 1)[1]
+    return accel or None
+
+
+def environment() -> str:
+    """Bare metal, or under which hypervisor (QEMU TCG/KVM as the qualification runner says)."""
+    accel = qemu_accel()
+    if accel:
+        return f"QEMU/{accel.upper()} (kvmtests qualify)"
+    cpuinfo = _read("/proc/cpuinfo") or ""
+    if " hypervisor" not in cpuinfo:
+        return "bare metal"
+    vendor = _read("/sys/class/dmi/id/sys_vendor")
+    return f"virtual machine ({vendor})" if vendor else "virtual machine"
+
+
+def cpu_flags() -> set[str]:
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_vendor() -> str:
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"

@@ -1,0 +1,7 @@
+"""The verdicts: what a run concludes about the kernel under test.
+
+`features` (each feature group of the series detected by behaviour, partial backports named),
+`probe` (host identity and capability table), `plugin` (the pytest plugin: catalog markers, skips,
+gating, kernel health, summary, JSON and JUnit), `report` (the summary and the KCIDB export from a
+saved run). It imports the machine layer and itself, never the runner or the command line.
+"""
