@@ -81,24 +81,40 @@ def expect_rejected(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int) -> None:
     assert not delivered(hvm), f"catalog {n}: rejected IPI still left vector {VECTOR:#x} pending in VP {TARGET}"
 
 
-@pytest.mark.catalog(111)
-def test_fast_ipi_with_use_target_vtl_exits(vm, series):
-    """Fast 0x0B (input 0x1000B), RDX = 0x30 | 1 << 36 (use_target_vtl), R8 = VP mask."""
-    req = ipi("fast-0x0b", USE_VTL)
+EXIT, IN_KERNEL, REJECTED = "exit", "in-kernel", "rejected"
+
+
+def expect(outcome: str, hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int, req: Ipi) -> None:
+    """The row's expected routing: an exit for userspace, delivery in the kernel, or status 3 and no delivery."""
+    if outcome == EXIT:
+        expect_vtl_exit(hvm, out, n, req)
+    elif outcome == IN_KERNEL:
+        expect_in_kernel(hvm, out, n)
+    else:
+        expect_rejected(hvm, out, n)
+
+
+def row(n: int, variant: str, in_vtl: int, patched: str, upstream: str, vector: int = VECTOR):
+    return pytest.param(n, variant, in_vtl, vector, patched, upstream, marks=pytest.mark.catalog(n),
+                        id=f"{n}-{variant}{'-bad-vector' if vector != VECTOR else ''}")
+
+
+# A VSM vCPU sends; with the series (P04) use_target_vtl routes the IPI to userspace, upstream the fast forms
+# reject RDX bits 32-39 as reserved while the slow 0x0B and both 0x15 forms ignore in_vtl and deliver.
+ROUTING = [
+    row(111, "fast-0x0b", USE_VTL, EXIT, REJECTED),
+    row(112, "fast-0x0b", 0x0F, IN_KERNEL, REJECTED),   # a target VTL without the use bit: no exit
+    row(115, "slow-0x0b", USE_VTL, EXIT, IN_KERNEL),
+    row(118, "slow-0x15", USE_VTL, EXIT, IN_KERNEL),
+    *[row(120, v, USE_VTL, EXIT, REJECTED, vector=BAD_VECTOR) for v in VARIANTS],  # the exit precedes the vector check
+]
+
+
+@pytest.mark.parametrize("n,variant,in_vtl,vector,patched,upstream", ROUTING)
+def test_vsm_vcpu_ipi_routing(vm, series, n, variant, in_vtl, vector, patched, upstream):
+    req = ipi(variant, in_vtl, vector=vector)
     hvm, out = send(vm, VSM, req)
-    if series.patched("vtl_ipi"):
-        expect_vtl_exit(hvm, out, 111, req)
-    else:
-        expect_rejected(hvm, out, 111)
-
-
-@pytest.mark.catalog(112)
-def test_fast_ipi_with_target_vtl_but_no_use_bit_is_handled_in_kernel(vm, series):
-    hvm, out = send(vm, VSM, ipi("fast-0x0b", 0x0F))
-    if series.patched("vtl_ipi"):
-        expect_in_kernel(hvm, out, 112)
-    else:
-        expect_rejected(hvm, out, 112)
+    expect(patched if series.patched("vtl_ipi") else upstream, hvm, out, n, req)
 
 
 @pytest.mark.catalog(113)
@@ -114,16 +130,6 @@ def test_fast_ipi_reserved_rdx_bits_are_rejected(vm, bit):
 def test_fast_ipi_in_vtl_without_vsm_is_rejected(vm):
     """Same on both kernels: without the VSM bit RDX bits 32-63 are all reserved."""
     expect_rejected(*send(vm, NON_VSM, ipi("fast-0x0b", USE_VTL)), 114)
-
-
-@pytest.mark.catalog(115)
-def test_slow_ipi_with_use_target_vtl_exits(vm, series):
-    req = ipi("slow-0x0b", USE_VTL)
-    hvm, out = send(vm, VSM, req)
-    if series.patched("vtl_ipi"):
-        expect_vtl_exit(hvm, out, 115, req)
-    else:
-        expect_in_kernel(hvm, out, 115)
 
 
 SLOW_IPI_WITHOUT_VSM_REASON = ("catalog 116 (known v1 deviation, reviewed as a bug [RS04]): a non-VSM vCPU's slow "
@@ -163,32 +169,11 @@ def test_fast_ipi_ex_with_use_target_vtl_exits_with_xmm(vm, series):
         f"catalog 117: hcall.xmm[0].low {out.xmm[0][0] if out.xmm else None}, expected valid_bank_mask 1 from XMM0"
 
 
-@pytest.mark.catalog(118)
-def test_slow_ipi_ex_with_use_target_vtl_exits(vm, series):
-    req = ipi("slow-0x15", USE_VTL)
-    hvm, out = send(vm, VSM, req)
-    if series.patched("vtl_ipi"):
-        expect_vtl_exit(hvm, out, 118, req)
-    else:
-        expect_in_kernel(hvm, out, 118)
-
-
 @pytest.mark.catalog(119)
 @pytest.mark.parametrize("variant", ["fast-0x15", "slow-0x15"])
 def test_ipi_ex_use_target_vtl_without_vsm_is_ignored(vm, variant):
     """Same on both kernels: without the VSM bit 0x15 ignores in_vtl and delivers the IPI."""
     expect_in_kernel(*send(vm, NON_VSM, ipi(variant, USE_VTL)), 119)
-
-
-@pytest.mark.catalog(120)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_vtl_exit_precedes_the_vector_check(vm, series, variant):
-    req = ipi(variant, USE_VTL, vector=BAD_VECTOR)
-    hvm, out = send(vm, VSM, req)
-    if series.patched("vtl_ipi"):
-        expect_vtl_exit(hvm, out, 120, req)
-    else:
-        expect_rejected(hvm, out, 120)
 
 
 @pytest.mark.catalog(121)

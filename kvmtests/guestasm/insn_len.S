@@ -42,94 +42,34 @@ _start:
 	GUEST_DONE
 .endm
 
-ROW r1
-	lodsb
-END r1
-ROW w1
-	stosb
-END w1
-
-ROW r2
-	movl (%rbx), %eax
-END r2
-ROW w2
-	movl %eax, (%rbx)
-END w2
-
-ROW r3
-	movq (%rbx), %rax
-END r3
-ROW w3
-	movq %rax, (%rbx)
-END w3
-
-ROW r4
-	movq (%rbx,%rcx), %rax
-END r4
-ROW w4
-	movq %rax, (%rbx,%rcx)
-END w4
-
-ROW r5, 0x10
-	movq 0x10(%rbx,%rcx), %rax
-END r5
-ROW w5, 0x10
-	movq %rax, 0x10(%rbx,%rcx)
-END w5
-
-ROW r6, 0x1000
-	movl 0x1000(%rbx), %eax
-END r6
-ROW w6, 0x1000
-	movl %eax, 0x1000(%rbx)
-END w6
-
-ROW r7
-	movq (_start_common + TARGET - CODE_GPA)(%rip), %rax
-END r7
-ROW w7
-	movq %rax, (_start_common + TARGET - CODE_GPA)(%rip)
-END w7
-
-ROW r8, 0x100
-	movq 0x100(%rbx,%rcx), %rax
-END r8
-ROW w8, 0x10
-	movq $IMM, 0x10(%rbx)
-END w8
-
-ROW r9
-	movabsb TARGET, %al
-END r9
-ROW w9
-	movabsb %al, TARGET
-END w9
-
-ROW r10
-	movabsq TARGET, %rax
-END r10
-ROW w10
-	movabsq %rax, TARGET
-END w10
-
-ROW r11, 0x100
-	cmpq $IMM, 0x100(%rbx)
-END r11
-ROW w11, 0x100
-	movq $IMM, 0x100(%rbx)
-END w11
-
-.irp n, 12, 13, 14, 15
-ROW r\n, 0x100
-	.rept \n - 12
-	.byte 0x3e
-	.endr
-	cmpq $IMM, 0x100(%rbx,%rcx)
+/* One row per length: rN reads with `rd`, wN writes with `wr`; %rbx + disp = TARGET. */
+.macro ROWS n, rdisp, rd, wdisp, wr
+ROW r\n, \rdisp
+	\rd
 END r\n
-ROW w\n, 0x100
-	.rept \n - 12
+ROW w\n, \wdisp
+	\wr
+END w\n
+.endm
+
+/* DS segment-override prefixes (3E): ignored in 64-bit mode, each one byte longer */
+.macro DS count
+	.rept \count
 	.byte 0x3e
 	.endr
-	movq $IMM, 0x100(%rbx,%rcx)
-END w\n
+.endm
+
+ROWS 1,  0,      "lodsb",                                          0,      "stosb"
+ROWS 2,  0,      "movl (%rbx), %eax",                              0,      "movl %eax, (%rbx)"
+ROWS 3,  0,      "movq (%rbx), %rax",                              0,      "movq %rax, (%rbx)"
+ROWS 4,  0,      "movq (%rbx,%rcx), %rax",                         0,      "movq %rax, (%rbx,%rcx)"
+ROWS 5,  0x10,   "movq 0x10(%rbx,%rcx), %rax",                     0x10,   "movq %rax, 0x10(%rbx,%rcx)"
+ROWS 6,  0x1000, "movl 0x1000(%rbx), %eax",                        0x1000, "movl %eax, 0x1000(%rbx)"
+ROWS 7,  0,      "movq (_start_common + TARGET - CODE_GPA)(%rip), %rax", 0, "movq %rax, (_start_common + TARGET - CODE_GPA)(%rip)"
+ROWS 8,  0x100,  "movq 0x100(%rbx,%rcx), %rax",                    0x10,   "movq $IMM, 0x10(%rbx)"
+ROWS 9,  0,      "movabsb TARGET, %al",                            0,      "movabsb %al, TARGET"
+ROWS 10, 0,      "movabsq TARGET, %rax",                           0,      "movabsq %rax, TARGET"
+ROWS 11, 0x100,  "cmpq $IMM, 0x100(%rbx)",                         0x100,  "movq $IMM, 0x100(%rbx)"
+.irp n, 12, 13, 14, 15
+ROWS \n, 0x100,  "DS \n-12; cmpq $IMM, 0x100(%rbx,%rcx)",          0x100,  "DS \n-12; movq $IMM, 0x100(%rbx,%rcx)"
 .endr
