@@ -7,12 +7,15 @@ from pathlib import Path
 import kcidb_io
 import pytest
 
+import kvmtests
+
 from kvmtests.machine import host, hyperv, tracefs
 from kvmtests.verdict import features, report
 from kvmtests.verdict.features import Detection
 
 pytestmark = pytest.mark.selftest
 GOLDEN = Path(__file__).parent / "golden"
+PROJECT = str(Path(kvmtests.__file__).resolve().parent.parent)   # nested runs import this checkout's kvmtests
 HOST = {"kernel": "6.12.0-test", "kvm device": "/dev/kvm", "cpu vendor": "AuthenticAMD",
         "vendor module": "kvm_amd", "tdp": "on (kvm_amd.npt=Y)", "environment": "QEMU/TCG (kvmtests qualify)"}
 
@@ -32,6 +35,9 @@ def sample_doc(required: list[str] = ()) -> dict:
          "groups": [], "duration": 0.0},
         {"nodeid": "tests/test_d.py::test_ipi", "outcome": "skipped", "message": "kernel lacks KVM_CAP_HYPERV",
          "catalog": [111], "groups": ["vtl_ipi"], "duration": 0.0},
+        {"nodeid": "tests/test_d.py::test_slow_ipi", "outcome": "unexpected-pass", "catalog": [116],
+         "message": "unexpected pass: the row behaved as documented, so this known deviation did not reproduce: "
+                    "catalog 116", "groups": ["vtl_ipi"], "duration": 0.0},
     ]
     return report.build(HOST, detections, ["partial series: present rwx_attributes"], list(required), tests, 1)
 
@@ -42,8 +48,8 @@ def test_summary_matches_golden_file():
 
 def test_coverage_lists_numbers_without_a_test():
     cov = sample_doc()["coverage"]
-    assert cov["covered"] == [16, 43, 80, 81, 111]
-    assert len(cov["missing"]) == 138 - 5 and 1 in cov["missing"]
+    assert cov["covered"] == [16, 43, 80, 81, 111, 116]
+    assert len(cov["missing"]) == 138 - 6 and 1 in cov["missing"]
 
 
 def test_gating_names_each_absent_required_group():
@@ -61,6 +67,7 @@ def test_kcidb_export_validates_against_the_schema():
     assert statuses["tests/test_a.py::test_nw[16]"] == "PASS"
     assert statuses["tests/test_b.py::test_hc[0x50]"] == "FAIL"
     assert statuses["tests/test_d.py::test_ipi"] == "SKIP"
+    assert statuses["tests/test_d.py::test_slow_ipi"] == "FAIL", "a strict expected failure that passed fails the run"
     assert report.kcidb_path("tests/test_b.py::test_hc[0x50]") == "kvmtests.test_b.test_hc.0x50"
 
 
@@ -103,6 +110,7 @@ def test_plugin_without_kvm_device_gates_and_summarises(pytester, workers):
     pytester.makeconftest("pytest_plugins = ['kvmtests.verdict.plugin']")
     env_dev = "/nonexistent-kvm"
     pytester._monkeypatch.setenv("KVMTESTS_DEV", env_dev)
+    pytester._monkeypatch.setenv("PYTHONPATH", PROJECT)
     result = pytester.runpytest_subprocess("-n", workers, "-rs", "--require", "series",
                                            "--kvmtests-json", "out.json", "-p", "no:cacheprovider",
                                            "-p", "no:hypothesispytest", "-p", "no:benchmark")
@@ -177,3 +185,106 @@ def test_host_identity_names_the_serving_vendor_module(tmp_path, present, flags,
     for module in present:
         (tmp_path / module / "parameters").mkdir(parents=True)
     assert host.vendor_modules(tmp_path, flags) == serving
+
+
+GATED_CONFTEST = '''
+pytest_plugins = ["kvmtests.verdict.plugin"]
+from kvmtests.verdict import features, probe
+
+_STATES = {k: features.PRESENT for k in features.GROUPS} | {"vtl_ipi": features.ABSENT}
+features.detect = lambda g: features.Detection(g, _STATES[g], f"crafted probe for {g}")
+features.detect_all = lambda: {g: features.detect(g) for g in features.GROUPS}
+features.advertised_hv_bits = lambda: {}
+probe.host_identity = lambda: {"kernel": "6.12.0-crafted", "vendor module": "kvm_amd"}
+'''
+
+# A kernel whose PV IPIs ignore use_target_vtl (vtl_ipi detected absent), observed values crafted.
+GATED_TESTS = '''
+import pytest
+from kvmtests.machine import hyperv
+
+pytestmark = pytest.mark.nokvm
+
+@pytest.mark.catalog(112)
+def test_row_that_behaves_as_specified(series):
+    if series.patched("vtl_ipi"):
+        assert "exit" == "exit", "catalog 112"
+    else:
+        assert "upstream" == "exit", "catalog 112: upstream expectation checked on a required group"
+
+@pytest.mark.catalog(113)
+def test_row_that_is_broken(series):
+    series.require("vtl_ipi")
+    assert 0 == 1, "catalog 113: IPI delivered to VTL 0, expected VTL 1"
+
+@pytest.mark.catalog(116)
+def test_fixed_known_deviation(series, request):
+    if series.patched("vtl_ipi"):
+        request.applymarker(pytest.mark.xfail(strict=True, raises=hyperv.KnownDeviation, reason="catalog 116 (known v1 deviation)"))
+    # the kernel now keeps the call in the kernel: the documented intent holds, nothing raised
+
+@pytest.mark.catalog(74)
+def test_row_with_a_failed_precondition(series):
+    series.require("attr_tracepoints")
+    with series.precondition("rwx_attributes", "catalog 20: attributes 0x1 (NR alone) are rejected"):
+        assert False, "attributes 0x1 accepted"
+    assert False, "catalog 74: never reached"
+
+@pytest.mark.catalog(50)
+def test_precondition_inside_a_known_deviation(series, request):
+    request.applymarker(pytest.mark.xfail(strict=True, reason="catalog 50 (known v1 deviation)"))
+    with series.precondition("core", "a write to an attribute-0 page completes"):
+        assert False, "write gave a triple fault"
+'''
+
+
+def run_gated(pytester, *args: str, workers: str = "0"):
+    """The crafted kernel's rows through the plugin in a nested pytest: (its output, tests by name)."""
+    pytester.makeconftest(GATED_CONFTEST)
+    pytester.makepyfile(test_gated=GATED_TESTS)
+    pytester._monkeypatch.setenv("KVMTESTS_DEV", "/nonexistent-kvm")
+    pytester._monkeypatch.setenv("PYTHONPATH", PROJECT)
+    result = pytester.runpytest_subprocess("-n", workers, "-rA", "--kvmtests-json", "out.json", "-p", "no:cacheprovider",
+                                           "-p", "no:hypothesispytest", "-p", "no:benchmark", *args)
+    doc = json.loads((pytester.path / "out.json").read_text())
+    return result, {t["nodeid"].split("::")[1]: t for t in doc["tests"]}
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_gating_keeps_each_rows_own_verdict(pytester, workers):
+    """--require series on a kernel with one group broken: each row its own outcome, plus one gate line."""
+    result, tests = run_gated(pytester, "--require", "series", workers=workers)
+    assert result.ret == 1
+    outcomes = {name: t["outcome"] for name, t in tests.items()}
+    assert outcomes == {"test_row_that_behaves_as_specified": "passed", "test_row_that_is_broken": "failed",
+                        "test_fixed_known_deviation": "unexpected-pass",
+                        "test_row_with_a_failed_precondition": "error",
+                        "test_precondition_inside_a_known_deviation": "error"}
+    assert "IPI delivered to VTL 0" in tests["test_row_that_is_broken"]["message"]
+    assert tests["test_fixed_known_deviation"]["message"].startswith("unexpected pass: ")
+    text = result.stdout.str()
+    gate = [line for line in text.splitlines() if line.startswith("FAILED required feature group")]
+    assert gate == ["FAILED required feature group vtl_ipi (VTL-aware PV IPIs) is absent: crafted probe for vtl_ipi"]
+    summary = text[text.index("kvmtests summary"):].split("\n", 1)[1].split("\n=====", 1)[0].rstrip("\n")
+    assert summary == (GOLDEN / "gated_summary.txt").read_text().rstrip("\n")
+
+
+def test_failed_precondition_is_an_error_of_the_providing_group(pytester):
+    result, tests = run_gated(pytester)
+    row = tests["test_row_with_a_failed_precondition"]
+    assert (row["outcome"], row["groups"]) == ("error", ["rwx_attributes"]), "not a failure of attr_tracepoints"
+    assert row["message"] == ("precondition from rwx_attributes failed: catalog 20: attributes 0x1 (NR alone) are "
+                              "rejected: attributes 0x1 accepted")
+    inside = tests["test_precondition_inside_a_known_deviation"]
+    assert (inside["outcome"], inside["groups"]) == ("error", ["core"]), "a broken set-up is no known deviation"
+    text = result.stdout.str()
+    assert "ERROR test_gated.py::test_row_with_a_failed_precondition" in text
+    assert "precondition from rwx_attributes failed: catalog 20: attributes 0x1" in text
+    assert "FAILED required" not in text, "nothing required, no gate"
+
+
+def test_without_gating_an_absent_group_checks_upstream(pytester):
+    result, tests = run_gated(pytester)
+    assert tests["test_row_that_behaves_as_specified"]["outcome"] == "failed", "upstream expectation checked"
+    assert tests["test_row_that_is_broken"]["outcome"] == "skipped"
+    assert tests["test_fixed_known_deviation"]["outcome"] == "passed", "no known deviation upstream"

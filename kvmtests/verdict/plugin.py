@@ -1,10 +1,11 @@
 """pytest plugin: catalog markers, skips from missing preconditions, kernel health, gating, summary."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,17 @@ REQUIRE_ENV = "KVMTESTS_REQUIRE"
 _results = pytest.StashKey[dict]()
 _device_skip = pytest.StashKey[str]()
 _doc = pytest.StashKey[dict]()
+
+
+XPASS_STRICT = "[XPASS(strict)]"   # how pytest words a strict expected failure that passed
+
+
+class PreconditionFailed(Exception):
+    """A set-up step relied on another feature group's behaviour and did not get it."""
+
+    def __init__(self, group: str, what: str, detail: str):
+        super().__init__(f"precondition from {group} failed: {what}: {detail}")
+        self.group = group
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -139,7 +151,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
     reason = item.config.stash.get(_device_skip, None)
     if reason and rep.skipped and isinstance(rep.longrepr, tuple) and rep.longrepr[2] == f"Skipped: {reason}":
         rep.longrepr = (dev_kvm_path(), 0, rep.longrepr[2])  # one line for the whole run, not one per test
+    if call.excinfo is not None and isinstance(call.excinfo.value, PreconditionFailed):
+        failed = call.excinfo.value
+        rep.outcome, rep.longrepr = "failed", str(failed)   # also inside an expected failure: not the ⚠ itself
+        if hasattr(rep, "wasxfail"):
+            del rep.wasxfail
+        rep.user_properties = [p for p in rep.user_properties if p[0] != "groups"] + [
+            ("groups", [failed.group]), ("precondition", failed.group)]
     return rep
+
+
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    """A failed precondition is an error (of the group that provides it), not a failure of the row."""
+    if report.failed and dict(report.user_properties).get("precondition"):
+        return "error", "E", "ERROR"
+    return None
 
 
 _tests: dict[str, dict] = {}
@@ -151,7 +177,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     entry = _tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": None, "message": "",
                                            "catalog": props.get("catalog", []),
                                            "groups": props.get("groups", []), "duration": 0.0})
-    new = results.outcome_of(report.when, report.outcome, hasattr(report, "wasxfail"))
+    if report.failed and props.get("precondition"):
+        new = "error"
+        entry["groups"] = props["groups"]
+    elif report.failed and str(report.longrepr).startswith(XPASS_STRICT):
+        new = "unexpected-pass"
+    else:
+        new = results.outcome_of(report.when, report.outcome, hasattr(report, "wasxfail"))
     merged = results.merge(entry["outcome"], new)
     if merged != entry["outcome"]:
         entry["outcome"] = merged
@@ -164,6 +196,11 @@ def _message(rep: pytest.TestReport) -> str:
         return rep.longrepr[2].removeprefix("Skipped: ")
     if hasattr(rep, "wasxfail"):
         return rep.wasxfail
+    if rep.failed and isinstance(rep.longrepr, str) and rep.longrepr.startswith(XPASS_STRICT):
+        return ("unexpected pass: the row behaved as documented, so this known deviation did not reproduce: "
+                + rep.longrepr.removeprefix(XPASS_STRICT).strip())
+    if rep.failed and isinstance(rep.longrepr, str):     # a failed precondition's one line
+        return rep.longrepr
     if rep.failed:
         text = rep.longreprtext.strip().splitlines()
         errors = [line for line in text if line.startswith("E ")]
@@ -208,12 +245,11 @@ class Series:
         return features.detect(group)
 
     def patched(self, group: str) -> bool:
-        """True: check the patched expectation; False: the upstream one. Unknown skips; gating fails."""
+        """True: check the patched expectation; False: the upstream one. Unknown skips. A required group
+        always runs its patched expectation: the gate is one line per absent group in the summary."""
         det = features.detect(group)
-        if det.state == features.PRESENT:
+        if det.state == features.PRESENT or group in self.required:
             return True
-        if group in self.required:
-            pytest.fail(f"required feature group {group} is {det.state}: {det.how}", pytrace=False)
         if det.state == features.UNKNOWN:
             raise Unavailable(f"cannot tell whether the kernel carries {group}: {det.how}")
         return False
@@ -223,6 +259,17 @@ class Series:
         if not self.patched(group):
             raise Unavailable(f"kernel does not carry {features.GROUPS[group].title} "
                               f"({features.GROUPS[group].patches}); the row has no upstream expectation")
+
+    @contextlib.contextmanager
+    def precondition(self, group: str, what: str) -> Iterator[None]:
+        """Set-up that relies on `group`'s behaviour: an assertion failing inside is an error counted
+        under `group` and naming `what`, so the dependent row's own group is not blamed for it."""
+        if group not in features.GROUPS and group != results.CORE:
+            raise ValueError(f"precondition of unknown group {group!r}")
+        try:
+            yield
+        except AssertionError as e:
+            raise PreconditionFailed(group, what, str(e).splitlines()[0] if str(e) else "assertion failed") from None
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from tabulate import tabulate
 from . import features
 
 FORMAT_VERSION = 1
-OUTCOMES = ("passed", "failed", "skipped", "known-deviation", "error")
+OUTCOMES = ("passed", "failed", "skipped", "known-deviation", "unexpected-pass", "error")
 CORE = "core"
 
 
@@ -31,7 +31,8 @@ def outcome_of(when: str, outcome: str, wasxfail: bool) -> str | None:
 
 def merge(previous: str | None, new: str | None) -> str | None:
     """A test's outcome across phases: the worst wins (a teardown error spoils a pass)."""
-    order = {None: -1, "passed": 0, "skipped": 1, "known-deviation": 1, "error": 2, "failed": 3}
+    order = {None: -1, "passed": 0, "skipped": 1, "known-deviation": 1, "error": 2, "unexpected-pass": 3,
+             "failed": 3}
     return new if order[new] > order[previous] else previous
 
 
@@ -88,7 +89,7 @@ def render(doc: dict) -> str:
     c = counts.get(CORE, Counter())
     rows.append([CORE, "upstream", "-", *(c[o] for o in OUTCOMES), "layouts, lifecycle, exits, probes"])
     parts.append(tabulate(rows, headers=["group", "patches", "detected", "pass", "fail", "skip",
-                                         "known-dev", "error", "detected by"], tablefmt="simple"))
+                                         "known-dev", "xpass", "error", "detected by"], tablefmt="simple"))
     for line in doc["findings"]:
         parts.append(f"finding: {line}")
     for line in required_absent(doc):
@@ -113,7 +114,7 @@ def render_file(path: str | Path) -> str:
 
 KCIDB_ORIGIN = "kvmtests"
 KCIDB_STATUS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",
-                "known-deviation": "FAIL"}
+                "known-deviation": "FAIL", "unexpected-pass": "FAIL"}
 
 
 def kcidb_path(nodeid: str) -> str:
