@@ -1,14 +1,15 @@
 """A Hypothesis state machine over KVM_SET_MEMORY_ATTRIBUTES: random ranges up to 1 GiB and values
 (invalid ones too) against a per-page model, with guest reads, writes and executes on sampled pages
 after every step. Without the series it checks that every restricting value is refused and that
-nothing changes. Profiles: ci (default, short) and long (env KVMTESTS_HYPOTHESIS_PROFILE=long); a
-failure shrinks and names the seed to rerun it (env KVMTESTS_HYPOTHESIS_SEED)."""
+nothing changes. Profiles: ci (default, short), long (env KVMTESTS_HYPOTHESIS_PROFILE=long) and qualify
+(ci without shrinking: `kvmtests qualify` sets it, so a failing kernel gets its verdict fast); a failure
+names the seed to rerun it (env KVMTESTS_HYPOTHESIS_SEED)."""
 import errno
 import os
 import random
 
 import pytest
-from hypothesis import HealthCheck, seed, settings
+from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
@@ -22,6 +23,7 @@ _common = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.register_profile("ci", max_examples=8, stateful_step_count=8, **_common)
 settings.register_profile("long", max_examples=400, stateful_step_count=40, **_common)
+settings.register_profile("qualify", settings.get_profile("ci"), phases=[p for p in Phase if p != Phase.shrink])
 
 SLOT_GPA, SLOT_END = 0x400000, 1 << 30           # test memory: slot 1, identity-mapped by the guest
 FIRST_PAGE, END_PAGE = SLOT_GPA // PAGE, SLOT_END // PAGE

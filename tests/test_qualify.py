@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from kvmtests.runner import console, initramfs, qemu, qualify
@@ -334,9 +335,48 @@ def test_suite_command_and_env(tmp_path: Path) -> None:
     assert f"--kvmtests-json={tmp_path / 'results.json'}" in cmd and "--no-kvmtests-summary" in cmd
     assert qualify.suite_command(tmp_path, [])[-2:] == ["-m", "not selftest"], "self-tests need no guest"
     env = qualify.guest_env("tcg", {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "SECRET": "x"})
-    assert env == {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "KVMTESTS_ACCEL": "tcg", "TERM": "dumb"}
+    assert env == {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "KVMTESTS_ACCEL": "tcg", "TERM": "dumb",
+                   "KVMTESTS_HYPOTHESIS_PROFILE": "qualify"}
+    assert qualify.guest_env("tcg", {"KVMTESTS_HYPOTHESIS_PROFILE": "long"})["KVMTESTS_HYPOTHESIS_PROFILE"] == "long"
     assert "kvmtests.accel=tcg" in qualify.kernel_cmdline("tcg") and "panic=-1" in qualify.kernel_cmdline("tcg")
     assert qualify.kernel_cmdline("tcg", "kvm.tdp_mmu=N").endswith("kvmtests.accel=tcg kvm.tdp_mmu=N")
+
+
+def parsed(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kvmtests")
+    qualify.register(parser.add_subparsers())
+    return parser.parse_args(["qualify", *argv])
+
+
+@pytest.mark.parametrize("argv,require,extra", [
+    (["--", "--require", "series"], "", ["--require", "series"]),     # the README's gating example
+    (["--require", "series"], "series", []),
+    (["--require", "rwx_attributes,hv_exits", "--", "-k", "fault", "-x"], "rwx_attributes,hv_exits", ["-k", "fault", "-x"]),
+])
+def test_arguments_after_the_separator_add_to_the_defaults(tmp_path: Path, argv: list[str], require: str,
+                                                           extra: list[str]) -> None:
+    """Self-tests stay out whatever follows `--`; `--require` is a qualify option passed to the guest's pytest."""
+    args = parsed(["--kernel", "k", *argv])
+    assert args.require == require
+    cmd = qualify.suite_command(tmp_path, qualify.pytest_args(args.pytest_args), args.require)
+    marker = cmd.index("not selftest") - 1
+    assert cmd[marker] == "-m" and "-m" not in cmd[marker + 1:], "the default -m 'not selftest' is the last -m"
+    assert cmd[marker + 2:] == ([f"--require={require}"] if require else []) + extra
+
+
+def test_qualify_hypothesis_profile_stops_at_the_first_failure() -> None:
+    """The guest's profile exists in the model test and skips shrinking (it doubled a failing kernel's run)."""
+    import test_attr_model  # noqa: F401  registers the profiles
+    name, profile = qualify.HYPOTHESIS_PROFILE
+    assert name == test_attr_model.PROFILE_ENV
+    got, ci = hypothesis.settings.get_profile(profile), hypothesis.settings.get_profile("ci")
+    assert hypothesis.Phase.shrink not in got.phases and hypothesis.Phase.generate in got.phases
+    assert (got.max_examples, got.stateful_step_count) == (ci.max_examples, ci.stateful_step_count)
+
+
+def test_cli_unknown_required_group_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["--kernel", str(tmp_path / "nope"), "--require", "serie"]) == qualify.EXIT_BAD_INPUT
+    assert one_error_line(capsys).startswith("qualify: --require: unknown feature group 'serie'")
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -387,9 +427,7 @@ def test_report_init_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 # --- the command line's error paths: one line each, no traceback ----------------------------------
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kvmtests")
-    qualify.register(parser.add_subparsers())
-    args = parser.parse_args(["qualify", *argv])
+    args = parsed(argv)
     return args.func(args)
 
 

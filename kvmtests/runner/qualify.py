@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import kvmtests
+from kvmtests.verdict.features import parse_required
 from kvmtests.verdict.report import render_file
 
 from . import console, initramfs, kernels, qemu
@@ -24,6 +25,8 @@ EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 124
 EXIT_NO_VERDICT = 125
 OUTPUTS = ("rc", "results.json", "junit.xml", "console.log")
+# test_attr_model's profile for qualify: no shrinking, so a failing kernel gets its verdict (and seed) fast
+HYPOTHESIS_PROFILE = ("KVMTESTS_HYPOTHESIS_PROFILE", "qualify")
 
 
 def kernel_release(image: Path) -> str:
@@ -80,20 +83,23 @@ def choose_accel(requested: str, dev_kvm: Path = Path("/dev/kvm"),
     return requested
 
 
-def suite_command(results: Path, pytest_args: Sequence[str]) -> list[str]:
+def suite_command(results: Path, pytest_args: Sequence[str], require: str = "") -> list[str]:
     """The pytest command run in the guest (one vCPU: serial), writing JUnit and JSON to results.
 
-    The host prints the summary from the JSON, so the guest does not; without PYTEST-ARGS the suite's
-    self-tests are left out: they check kvmtests, not the kernel, and the host already runs them."""
+    The host prints the summary from the JSON, so the guest does not; the suite's self-tests stay out
+    (they check kvmtests, not the kernel, and the host already runs them); PYTEST-ARGS come after
+    these defaults and add to them (a later -m replaces the default one)."""
     cmd = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-p", PYTEST_PLUGIN,
            "--no-kvmtests-summary", f"--kvmtests-json={results / 'results.json'}",
-           f"--junitxml={results / 'junit.xml'}"]
-    return cmd + (list(pytest_args) or ["-m", "not selftest"])
+           f"--junitxml={results / 'junit.xml'}", "-m", "not selftest"]
+    return cmd + ([f"--require={require}"] if require else []) + list(pytest_args)
 
 
 def guest_env(accel: str, host_env: Mapping[str, str]) -> dict[str, str]:
-    """The suite's environment: HOME, PATH and KVMTESTS_* from the host, plus the accelerator."""
-    env = {k: v for k, v in host_env.items() if k in ("HOME", "PATH") or k.startswith("KVMTESTS_")}
+    """The suite's environment: HOME, PATH and KVMTESTS_* from the host, plus the accelerator; the
+    Hypothesis profile is the qualify one unless the host names another."""
+    name, profile = HYPOTHESIS_PROFILE
+    env = {name: profile} | {k: v for k, v in host_env.items() if k in ("HOME", "PATH") or k.startswith("KVMTESTS_")}
     env.update(KVMTESTS_ACCEL=accel, TERM="dumb")
     return env
 
@@ -155,6 +161,10 @@ def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: 
 def qualify(args: argparse.Namespace) -> int:
     """Validate the inputs, build the initramfs, boot the kernel and report; every input error is one line."""
     try:
+        try:
+            parse_required(args.require)
+        except ValueError as exc:
+            raise RunnerError(f"--require: {exc}") from None
         image, fetched_modules = resolve_kernel(args.kernel)
         release = kernel_release(image)
         modules = modules_dir(image, release, args.modules or fetched_modules)
@@ -169,7 +179,7 @@ def qualify(args: argparse.Namespace) -> int:
         for name in OUTPUTS:
             (results / name).unlink(missing_ok=True)
         plan = initramfs.GuestPlan(
-            project_dir=PROJECT_DIR, command=suite_command(results, pytest_args(args.pytest_args)),
+            project_dir=PROJECT_DIR, command=suite_command(results, pytest_args(args.pytest_args), args.require),
             env=guest_env(accel, os.environ), results_dir=results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
         with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
             initrd = Path(tmp) / "initramfs.cpio.gz"
@@ -232,6 +242,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="limit until the suite starts (default 300)")
     p.add_argument("--results", metavar="DIR",
                    help="where rc, junit.xml, results.json and console.log go (default kvmtests-results/<release>)")
+    p.add_argument("--require", default="", metavar="GROUPS",
+                   help="gating, as pytest --require: 'series' or feature groups (comma separated) the kernel must "
+                        "carry; an absent one is one failure line")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST-ARGS",
-                   help="arguments for pytest inside the guest (default: the whole suite)")
+                   help="more arguments for pytest inside the guest, added to the defaults (the whole suite but "
+                        "its self-tests, -m 'not selftest')")
     p.set_defaults(func=qualify)
