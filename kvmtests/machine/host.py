@@ -38,6 +38,12 @@ def tdp_setting() -> tuple[str, str] | None:
     return None
 
 
+def tdp_mmu(sys_module: Path = Path("/sys/module")) -> bool | None:
+    """kvm.tdp_mmu: the TDP MMU (default) or the legacy MMU under TDP; None where KVM has no such parameter."""
+    value = _read(str(sys_module / "kvm" / "parameters" / "tdp_mmu"))
+    return None if value is None else value in ("Y", "1")
+
+
 def tdp() -> str:
     """TDP (EPT/NPT) as the vendor module reports it."""
     setting = tdp_setting()
