@@ -328,7 +328,8 @@ def test_insn_len_is_the_instruction_length(vm, series, name):
         pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
     length, fault, m = insn_fault(vm, name)
     assert length == int(name[1:]), f"payload bug: {name} is {length} bytes"
-    assert fault is not None, f"catalog 63/64: {name}: expected a memory-fault exit, got {m.describe()}"
+    with series.precondition("rwx_attributes", f"catalog 35/44: {name} on a restricted page makes a memory-fault exit"):
+        assert fault is not None, f"got {m.describe()}"
     assert fault.insn_len == length, f"catalog 63/64: {name}: {fault}, expected insn_len {length}"
 
 
@@ -341,13 +342,17 @@ def test_insn_len_never_exceeds_15(vm, series, kvm):
     for name in ("r1", "r7", "r15", "w1", "w9", "w15"):
         with kvm.create_vm() as own:
             _, fault, m = insn_fault(own, name)
-            assert fault is not None, f"catalog 67: {name}: expected a memory-fault exit, got {m.describe()}"
+            with series.precondition("rwx_attributes", f"catalog 35/44: {name} on a restricted page makes a "
+                                                       "memory-fault exit"):
+                assert fault is not None, f"got {m.describe()}"
             seen.append((name, fault))
     p = memfault.build_prober(vm)
     p.place_ret(PAGE_A)
     memfault.set_attrs(vm, PAGE_A, PAGE, NX, 69)
-    exec_fault = p.access(EXEC, target(EXEC, PAGE_A)).fault
-    assert exec_fault is not None, "catalog 69: expected an EXEC memory-fault exit"
+    out = p.access(EXEC, target(EXEC, PAGE_A))
+    with series.precondition("rwx_attributes", "catalog 41: an execute on an NX page makes a memory-fault exit"):
+        assert out.fault is not None, str(out)
+    exec_fault = out.fault
     seen.append(("execute", exec_fault))
     bad = [f"{name}: {fault}" for name, fault in seen if fault.insn_len > 15]
     assert not bad, f"catalog 67/68/69: insn_len above 15: {'; '.join(bad)}"
@@ -376,7 +381,8 @@ def test_private_mismatch_exit_carries_insn_len(kvm, series):
         m = guest.build(vm, payload, entry="r3")
         memfault.set_attrs(vm, INSN_PAGE, PAGE, PRIVATE, 65)
         _, fault = memfault.run_for_fault(m)
-        assert fault is not None, f"catalog 65: expected a memory-fault exit, got {m.describe()}"
+        with series.precondition("core", "a read of a PRIVATE page without guest_memfd makes a memory-fault exit"):
+            assert fault is not None, f"got {m.describe()}"
         assert fault.insn_len == 3, f"catalog 65: {fault}, expected insn_len 3 (mov (%rbx),%rax)"
 
 
@@ -398,7 +404,10 @@ def test_insn_len_byte_overwrites_sentinel(kvm, series, source):
         m = guest.build(vm, payload, entry=entry)
         memfault.set_attrs(vm, guest.DATA_GPA, PAGE, value, 66)
         _, fault = memfault.run_for_fault(m)
-        assert fault is not None, f"catalog 66: expected a memory-fault exit, got {m.describe()}"
+        provider, what = (("rwx_attributes", "catalog 35: a write to an NW page") if source == "nw-write" else
+                          ("core", "a read of a PRIVATE page without guest_memfd"))
+        with series.precondition(provider, f"{what} makes a memory-fault exit"):
+            assert fault is not None, f"got {m.describe()}"
         if not series.patched("fault_insn_len"):
             assert fault.insn_len == memfault.SENTINEL, f"catalog 66: byte 56 = {fault.insn_len:#x}, sentinel 0xa5 lost"
             return

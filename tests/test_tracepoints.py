@@ -1,5 +1,6 @@
-"""The series' tracepoints (catalog section E, 71-79), read through a private tracefs instance that
-records only this test's thread."""
+"""The series' tracepoints (catalog section E, 71-79), read through two private tracefs instances that
+record only this test's thread: one prints every field's raw value (options/fields), the other the
+event's own print format, and each record must agree with the spec in both."""
 import re
 import threading
 from collections.abc import Iterator
@@ -8,15 +9,21 @@ import pytest
 
 from kvmtests import uapi
 from kvmtests.machine import memfault, tracefs
-from kvmtests.machine.memfault import PAGE, READ, WRITE
+from kvmtests.machine.kvm import Unavailable
+from kvmtests.machine.memfault import EXEC, PAGE, READ, WRITE, attr_names
 
-NW = uapi.KVM_MEMORY_ATTRIBUTE_NW
+NR, NW, NX = uapi.KVM_MEMORY_ATTRIBUTE_NR, uapi.KVM_MEMORY_ATTRIBUTE_NW, uapi.KVM_MEMORY_ATTRIBUTE_NX
+EVENTS = [tracefs.SET_ATTRS_EVENT, tracefs.FAULTIN_EVENT]
 SET_NAME = tracefs.SET_ATTRS_EVENT.split("/")[1]
 FAULTIN_NAME = tracefs.FAULTIN_EVENT.split("/")[1]
 SET_PRINT = re.compile(r"gfn 0x([0-9a-f]+), cnt 0x([0-9a-f]+), attributes 0x([0-9a-f]+)$")
 FAULTIN_PRINT = re.compile(r"vcpu (\d+) rip 0x([0-9a-f]+) gfn 0x([0-9a-f]+) access (\w) mem_attrs 0x([0-9a-f]+)$")
 PAGE_A = 0x210000
 PAGE_B = PAGE_A + PAGE
+OFF = 0x123                                  # data accesses: byte-exact fault_address (catalog 77)
+FAR = 0x1_0000_0000                          # set-attributes ranges need no memslot (catalog 31)
+HUGE = 0x200000
+SLOT_GPA = 0x400000                          # a 2 MiB-aligned memslot the guest maps (identity)
 
 # (field, C type, offset, size) from the spec (P16, P17; offsets confirmed on a 6.12 port).
 SET_FIELDS = [("start", "u64", 8, 8), ("cnt", "u64", 16, 8), ("attributes", "u64", 24, 8)]
@@ -25,34 +32,61 @@ FAULTIN_FIELDS = [("vcpu_id", "unsigned int", 8, 4), ("guest_rip", "unsigned lon
                   ("mem_attrs", "u64", 40, 8)]
 
 
-def set_events(trace: tracefs.Instance) -> list[tuple[int, int, int]]:
-    """kvm_vm_set_mem_attributes records as (start gfn, count, attributes)."""
-    out = []
-    for text in trace.records(SET_NAME):
-        match = SET_PRINT.search(text)
-        assert match, f"catalog 72: cannot parse {SET_NAME} record {text!r}"
-        out.append(tuple(int(g, 16) for g in match.groups()))
-    return out
+def set_event(gpa: int, pages: int, value: int) -> dict[str, int]:
+    """P17: start = first gfn, cnt = pages of the whole requested range, attributes = the new value."""
+    return {"start": gpa >> 12, "cnt": pages, "attributes": value}
 
 
-def faultin_events(trace: tracefs.Instance) -> list[dict]:
-    out = []
-    for text in trace.records(FAULTIN_NAME):
-        match = FAULTIN_PRINT.search(text)
-        assert match, f"catalog 77: cannot parse {FAULTIN_NAME} record {text!r}"
-        vcpu, rip, addr, access, attrs = match.groups()
-        out.append({"vcpu": int(vcpu), "rip": int(rip, 16), "address": int(addr, 16), "access": access,
-                    "mem_attrs": int(attrs, 16)})
-    return out
+def faultin_event(vcpu: int, rip: int, address: int, kind: str, attrs: int) -> dict[str, int]:
+    """P16: the faulting vCPU and RIP, fault->addr (the GPA under TDP), write/exec of the access, attributes."""
+    return {"vcpu_id": vcpu, "guest_rip": rip, "fault_address": address, "write": int(kind == WRITE),
+            "exec": int(kind == EXEC), "mem_attrs": attrs}
+
+
+class Trace:
+    """The same events seen raw (every field) and printed; reading checks that both views agree."""
+
+    def __init__(self, raw: tracefs.Instance, printed: tracefs.Instance):
+        self.raw, self.printed = raw, printed
+
+    def clear(self) -> None:
+        self.raw.clear()
+        self.printed.clear()
+
+    def set_events(self) -> list[dict[str, int]]:
+        got = [{k: e.get(k) for k, *_ in SET_FIELDS} for e in self.raw.field_records(SET_NAME)]
+        shown = [f"gfn {e['start']:#x}, cnt {e['cnt']:#x}, attributes {e['attributes']:#x}" for e in got]
+        printed = self.printed.records(SET_NAME)
+        assert all(SET_PRINT.search(p) for p in printed) and printed == shown, (
+            f"catalog 72: {SET_NAME} printed {printed}, expected {shown} (print format of its fields {got})")
+        return got
+
+    def faultin_events(self) -> list[dict[str, int]]:
+        got = [{k: e.get(k) for k, *_ in FAULTIN_FIELDS} for e in self.raw.field_records(FAULTIN_NAME)]
+        shown = [f"vcpu {e['vcpu_id']} rip {e['guest_rip']:#x} gfn 0x{e['fault_address']:016x} access "
+                 f"{'X' if e['exec'] else 'W' if e['write'] else 'R'} mem_attrs {e['mem_attrs']:#x}" for e in got]
+        printed = self.printed.records(FAULTIN_NAME)
+        assert all(FAULTIN_PRINT.search(p) for p in printed) and printed == shown, (
+            f"catalog 77: {FAULTIN_NAME} printed {printed}, expected {shown} (print format of its fields {got})")
+        return got
 
 
 @pytest.fixture
-def trace(series) -> Iterator[tracefs.Instance]:
-    """Both events, in a private instance filtered to this thread; removed after the test."""
+def trace(series) -> Iterator[Trace]:
+    """Both events in two private instances filtered to this thread; removed after the test."""
     series.require("attr_tracepoints")
     series.require("rwx_attributes")
-    with tracefs.Instance([tracefs.SET_ATTRS_EVENT, tracefs.FAULTIN_EVENT], pid=threading.get_native_id()) as inst:
-        yield inst
+    if not tracefs.fields_option():
+        raise Unavailable("needs tracefs options/fields (Linux 6.3 or later) to read every field of an event")
+    tid = threading.get_native_id()
+    with tracefs.Instance(EVENTS, pid=tid, fields=True) as raw, tracefs.Instance(EVENTS, pid=tid) as printed:
+        yield Trace(raw, printed)
+
+
+def set_attrs(series, vm, gpa: int, size: int, value: int) -> None:
+    """An attribute change the test relies on: rwx_attributes' job (catalog 16-19, 26), not the tracepoint's."""
+    with series.precondition("rwx_attributes", f"KVM_SET_MEMORY_ATTRIBUTES({attr_names(value)}) succeeds"):
+        memfault.set_attrs(vm, gpa, size, value, 16)
 
 
 def check_format(event: str, fields: list[tuple[str, str, int, int]], row: int) -> None:
@@ -83,60 +117,156 @@ def test_event_format(series, event, fields, row):
             f"P16/P17 ({series.detection('attr_tracepoints').how}): a partial backport?")
 
 
-@pytest.mark.catalog(72, 73, 75)
-def test_set_attributes_event_per_change(vm, trace):
-    """One event per state change, with start gfn, page count and value; none for a no-op repeat."""
+# Steps (gpa, pages, value, emits): an event only where the state changes (72, 75), with the whole range.
+SET_SITUATIONS = {
+    "one-page": [(FAR, 1, NW, True), (FAR, 1, NW, False)],
+    "many-pages": [(FAR, 300, NX, True), (FAR, 300, NX, False)],
+    "huge-page-aligned": [(FAR + HUGE, 512, NW | NX, True), (FAR + HUGE, 1024, NR | NW | NX, True)],
+    "range-that-clears": [(FAR + 2 * PAGE, 3, NW, True), (FAR, 8, 0, True), (FAR, 8, 0, False)],
+    "range-that-partly-changes": [(FAR, 4, NX, True), (FAR, 8, NX, True), (FAR + 4 * PAGE, 4, NX, False)],
+}
+
+
+@pytest.mark.parametrize("steps", [pytest.param(steps, marks=pytest.mark.catalog(72, 73, 75), id=name)
+                                   for name, steps in SET_SITUATIONS.items()])
+def test_set_attributes_event(vm, series, trace, steps):
+    """Every field after every step: one event per change (start gfn, the whole range's page count, value),
+    none for a call that changes nothing."""
     memfault.require_ioctl(vm)
-    memfault.set_attrs(vm, PAGE_A, 3 * PAGE, NW, 72)
-    got = set_events(trace)
-    assert got == [(PAGE_A >> 12, 3, NW)], f"catalog 72: events {got}, expected [({PAGE_A >> 12:#x}, 3, {NW:#x})]"
-    trace.clear()
-    memfault.set_attrs(vm, PAGE_A, 3 * PAGE, NW, 73)
-    assert set_events(trace) == [], f"catalog 73: a no-op repeat emitted {set_events(trace)}"
-    memfault.set_attrs(vm, PAGE_A, 3 * PAGE, 0, 75)
-    got = set_events(trace)
-    assert got == [(PAGE_A >> 12, 3, 0)], f"catalog 75: events {got}, expected [({PAGE_A >> 12:#x}, 3, 0)]"
+    for gpa, pages, value, emits in steps:
+        trace.clear()
+        set_attrs(series, vm, gpa, pages * PAGE, value)
+        got, want = trace.set_events(), [set_event(gpa, pages, value)] if emits else []
+        row = (75 if value == 0 else 72) if emits else 73
+        assert got == want, (f"catalog {row}: KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, {pages} pages, "
+                             f"{attr_names(value)}): events {got}, expected {want}")
 
 
 @pytest.mark.catalog(74)
-def test_rejected_set_emits_nothing(vm, trace):
-    for value in (0x1, 0x8, 0x10):
-        ret, err = vm.set_memory_attributes(PAGE_A, PAGE, value)
-        assert ret == -1, f"catalog 74: attributes {value:#x} accepted (precondition: the spec says EINVAL)"
-    assert set_events(trace) == [], f"catalog 74: rejected ioctls emitted {set_events(trace)}"
+def test_rejected_set_emits_nothing(vm, series, trace):
+    for value, row in ((0x1, 20), (0x3, 21), (0x8, 23), (0x10, 25)):
+        with series.precondition("rwx_attributes", f"catalog {row}: attributes {value:#x} are rejected with EINVAL"):
+            ret, err = vm.set_memory_attributes(PAGE_A, PAGE, value)
+            assert ret == -1, f"KVM_SET_MEMORY_ATTRIBUTES({value:#x}) returned {ret}"
+    assert trace.set_events() == [], f"catalog 74: rejected ioctls emitted {trace.set_events()}"
 
 
 @pytest.fixture
-def prober(vm, trace):
+def prober(vm, series, trace):
+    memfault.require_tdp()
     p = memfault.build_prober(vm)
-    memfault.set_attrs(vm, PAGE_A, PAGE, NW, 77)
-    trace.clear()
+    for page in (PAGE_A, PAGE_B):
+        p.place_ret(page)
     return p
 
 
+def target(kind: str, page: int) -> int:
+    return page + (memfault.EXEC_OFFSET if kind == EXEC else OFF)
+
+
+def access(series, p: memfault.Prober, kind: str, gpa: int, attrs: int, vcpu=None) -> None:
+    """One guest access whose outcome is rwx_attributes' (catalog 35-44; upstream's for attributes 0): denied
+    or completed as specified."""
+    denied = bool(attrs & memfault.DENIED_BY[kind])
+    with series.precondition("rwx_attributes" if attrs else "core", f"a guest {kind} of a {attr_names(attrs)} "
+                             f"page is {'denied' if denied else 'completed'} (catalog 35-44)"):
+        out = p.access(kind, gpa, value=1, vcpu=vcpu)
+        assert (out.fault is not None) if denied else out.completed, str(out)
+
+
+def rip_of(p: memfault.Prober, kind: str, gpa: int) -> int:
+    """The faulting instruction: the access itself, or for an execute the fetched target."""
+    return gpa if kind == EXEC else p.m.sym(memfault.ENTRY[kind])
+
+
+FAULTIN_SITUATIONS = [(attrs, kind) for attrs in (NW, NX, NW | NX, NR | NW | NX) for kind in (READ, WRITE, EXEC)]
+
+
+@pytest.mark.parametrize("attrs,kind", [
+    pytest.param(attrs, kind, marks=pytest.mark.catalog(77 if attrs & memfault.DENIED_BY[kind] else 78),
+                 id=f"{77 if attrs & memfault.DENIED_BY[kind] else 78}-{attr_names(attrs)}-{kind}")
+    for attrs, kind in FAULTIN_SITUATIONS])
+def test_faultin_event_of_each_access(prober, series, trace, attrs, kind):
+    """The first access to a freshly restricted page, allowed or denied: every event it emits names vCPU 0,
+    the faulting RIP, the byte-exact GPA (for a fetch: the target's page; the spec fixes the byte for data
+    accesses), write/exec of the access and the page's attributes."""
+    set_attrs(series, prober.m.vm, PAGE_A, PAGE, attrs)
+    trace.clear()
+    gpa = target(kind, PAGE_A)
+    access(series, prober, kind, gpa, attrs)
+    got = trace.faultin_events()
+    want = faultin_event(0, rip_of(prober, kind, gpa), gpa, kind, attrs)
+    if kind == EXEC:
+        got = [e | {"fault_address": gpa} if e["fault_address"] >> 12 == gpa >> 12 else e for e in got]
+    row = 77 if attrs & memfault.DENIED_BY[kind] else 78
+    assert got and all(e == want for e in got), f"catalog {row}: events {got}, expected only {want}"
+
+
+@pytest.mark.catalog(77, 79)
+def test_faultin_events_across_a_huge_page_aligned_range(prober, series, trace):
+    """NW on a whole 2 MiB-aligned memslot: a write to its first, a middle and its last page each emits its
+    own event; after the range is cleared, writes there emit nothing."""
+    vm = prober.m.vm
+    vm.add_region(1, SLOT_GPA, HUGE)
+    set_attrs(series, vm, SLOT_GPA, HUGE, NW)
+    for page in (SLOT_GPA, SLOT_GPA + HUGE // 2, SLOT_GPA + HUGE - PAGE):
+        trace.clear()
+        access(series, prober, WRITE, page + OFF, NW)
+        got, want = trace.faultin_events(), faultin_event(0, rip_of(prober, WRITE, 0), page + OFF, WRITE, NW)
+        assert got and all(e == want for e in got), f"catalog 77: write to {page + OFF:#x}: events {got}, expected only {want}"
+    set_attrs(series, vm, SLOT_GPA, HUGE, 0)
+    trace.clear()
+    for page in (SLOT_GPA, SLOT_GPA + HUGE - PAGE):
+        access(series, prober, WRITE, page + OFF, 0)
+    assert trace.faultin_events() == [], f"catalog 79: writes after clearing emitted {trace.faultin_events()}"
+
+
 @pytest.mark.catalog(77)
-def test_denied_write_event(prober, trace):
-    """write = 1, exec = 0, mem_attrs NW, the byte-exact GPA (label `gfn`), RIP of the write."""
-    out = prober.access(WRITE, PAGE_A + 0x123, value=1)
-    assert out.fault is not None, f"catalog 77: precondition: the write must fault; {out}"
-    got = faultin_events(trace)
-    want = {"vcpu": 0, "rip": prober.m.sym("mem_write"), "address": PAGE_A + 0x123, "access": "W", "mem_attrs": NW}
-    assert got and all(e == want for e in got), f"catalog 77: events {got}, expected only {want}"
-
-
-@pytest.mark.catalog(78)
-def test_permitted_read_event(prober, trace):
-    out = prober.access(READ, PAGE_A + 0x40)
-    assert out.completed, f"catalog 78: precondition: the read of an NW page must complete; {out}"
-    got = faultin_events(trace)
-    want = {"vcpu": 0, "rip": prober.m.sym("mem_read"), "address": PAGE_A + 0x40, "access": "R", "mem_attrs": NW}
-    assert want in got, f"catalog 78: events {got}, expected one {want}"
+def test_faultin_event_names_the_vcpu(vm, series, trace):
+    """Two vCPUs, each denied a write on its own NW page: each event carries the faulting vCPU's id."""
+    memfault.require_tdp()
+    p = memfault.build_prober(vm, vcpus=2)
+    set_attrs(series, vm, PAGE_A, 2 * PAGE, NW)
+    for vcpu, page in zip(p.m.vcpus[::-1], (PAGE_A, PAGE_B)):
+        trace.clear()
+        access(series, p, WRITE, page + OFF, NW, vcpu)
+        got, want = trace.faultin_events(), faultin_event(vcpu.id, rip_of(p, WRITE, 0), page + OFF, WRITE, NW)
+        assert got and all(e == want for e in got), f"catalog 77: vCPU {vcpu.id}: events {got}, expected only {want}"
 
 
 @pytest.mark.catalog(79)
-def test_pages_without_attributes_emit_nothing(prober, trace):
-    for kind in (READ, WRITE):
-        out = prober.access(kind, PAGE_B + 0x40, value=1)
-        assert out.completed, f"catalog 79: precondition: {out}"
-    got = faultin_events(trace)
+def test_pages_without_attributes_emit_nothing(prober, series, trace):
+    for kind in (READ, WRITE, EXEC):
+        access(series, prober, kind, target(kind, PAGE_B), 0)
+    got = trace.faultin_events()
     assert got == [], f"catalog 79: accesses to attribute-0 pages emitted {got}"
+
+
+# --- the two views on crafted records (no kernel needed) ----------------------------------------------
+
+def crafted(lines: list[str]) -> tracefs.Instance:
+    """An instance whose trace file holds `lines`."""
+    inst = object.__new__(tracefs.Instance)
+    inst.lines = lambda: iter(lines)
+    return inst
+
+
+def line(payload: str) -> str:
+    return f"          python-4242    [001] .....   554.547990: {payload}"
+
+
+@pytest.mark.selftest
+def test_every_field_is_read_and_the_print_format_must_agree():
+    raw = [line(f"{SET_NAME}: start=0x100000 (1048576) cnt=0x12c (300) attributes=0x4 (4)")]
+    good = Trace(crafted(raw), crafted([line(f"{SET_NAME}: gfn 0x100000, cnt 0x12c, attributes 0x4")]))
+    assert good.set_events() == [set_event(FAR, 300, NX)]
+    logs_end = Trace(crafted(raw), crafted([line(f"{SET_NAME}: gfn 0x100000, cnt 0x10012c, attributes 0x4")]))
+    with pytest.raises(AssertionError, match="catalog 72: .* printed"):
+        logs_end.set_events()
+    rip, gpa = 0x210800, 0x210800
+    exec_raw = [line(f"{FAULTIN_NAME}: vcpu_id=0x1 (1) guest_rip=0x{rip:x} ({rip}) fault_address=0x{gpa:x} ({gpa}) "
+                     f"write=(1) exec=(1) mem_attrs=0x4 (4)")]
+    printed = [line(f"{FAULTIN_NAME}: vcpu 1 rip 0x{rip:x} gfn 0x{gpa:016x} access X mem_attrs 0x4")]
+    got = Trace(crafted(exec_raw), crafted(printed)).faultin_events()
+    assert got == [faultin_event(1, rip, gpa, EXEC, NX) | {"write": 1}], "the print format hides write; fields do not"
+    assert got != [faultin_event(1, rip, gpa, EXEC, NX)]

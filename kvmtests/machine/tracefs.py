@@ -16,6 +16,9 @@ SERIES_FIELDS = {SET_ATTRS_EVENT: ("start", "cnt", "attributes"),
 _ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _counter = itertools.count()
 _RECORD = re.compile(r"\d+\.\d+: (\w+): (.*)$")
+# One field as options/fields prints it: "name=0x2a (42)", a bool "name=(1)", an 8-byte one on newer
+# kernels "name=<%pS> (42)"; the decimal in parentheses is there in every form.
+_FIELD = re.compile(r"(\w+)=(?:\S+ )?\((-?\d+)\)")
 
 
 def root() -> str | None:
@@ -64,18 +67,21 @@ def series_event(event: str) -> bool | None:
 
 class Instance:
     """A private tracefs instance with some events enabled, optionally only for one task (`pid`,
-    a thread id): other processes' events never show; removed (tracing off) on exit."""
+    a thread id): other processes' events never show; removed (tracing off) on exit. With `fields`,
+    records show every field's raw value (options/fields) instead of the event's print format."""
 
-    def __init__(self, events: list[str], pid: int | None = None):
+    def __init__(self, events: list[str], pid: int | None = None, fields: bool = False):
         base = root()
         if base is None:
             raise FileNotFoundError("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
         self.path = os.path.join(base, "instances", f"kvmtests-{os.getpid()}-{next(_counter)}")
-        self.events, self.pid = events, pid
+        self.events, self.pid, self.fields = events, pid, fields
 
     def __enter__(self) -> "Instance":
         os.mkdir(self.path)
         try:
+            if self.fields:
+                self._write(os.path.join("options", "fields"), "1")
             for event in self.events:
                 if self.pid is not None:
                     self._write(os.path.join("events", event, "filter"), f"common_pid == {self.pid}")
@@ -117,3 +123,13 @@ class Instance:
             if match and match.group(1) == name:
                 out.append(match.group(2))
         return out
+
+    def field_records(self, name: str) -> list[dict[str, int]]:
+        """The recorded events called `name` as field -> value (unsigned 64-bit); needs `fields`."""
+        return [{f: int(v) & (2**64 - 1) for f, v in _FIELD.findall(text)} for text in self.records(name)]
+
+
+def fields_option() -> bool:
+    """Whether tracefs can print raw event fields (options/fields, Linux 6.3 and later)."""
+    base = root()
+    return base is not None and os.path.exists(os.path.join(base, "options", "fields"))
