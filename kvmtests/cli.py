@@ -1,4 +1,4 @@
-"""The `kvmtests` command: probe the host, re-render a saved run, qualify a kernel image."""
+"""The `kvmtests` command: probe the host, re-render or compare saved runs, qualify kernel images."""
 from __future__ import annotations
 
 import argparse
@@ -20,21 +20,46 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    """One file: its summary (and KCIDB); several: the matrix. Exit 1 when any run failed."""
     import json
 
-    from .verdict import report
+    from .verdict import matrix, report
     try:
-        doc = report.load(args.file)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"kvmtests report: cannot read {args.file}: {e}; pass a file written by --kvmtests-json",
-              file=sys.stderr)
+        docs = [report.load(f) for f in args.files]
+    except report.NotResults as e:
+        print(f"kvmtests report: {e}", file=sys.stderr)
         return 2
-    print(report.render(doc))
+    if args.kcidb and len(docs) > 1:
+        print("kvmtests report: --kcidb exports one run: pass one file with it", file=sys.stderr)
+        return 2
+    if len(docs) == 1 and not args.markdown:
+        print(report.render(docs[0]))
+    else:
+        print(matrix.render(docs, markdown=args.markdown))
     if args.kcidb:
         with open(args.kcidb, "w") as f:
-            json.dump(report.kcidb(doc), f, indent=1)
+            json.dump(report.kcidb(docs[0]), f, indent=1)
         print(f"KCIDB data written to {args.kcidb}")
-    return 1 if doc["exitstatus"] else 0
+    return 1 if any(d["exitstatus"] for d in docs) else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Exit 1 on a regression or a lost feature group, 2 on bad input (one line), else 0."""
+    import json
+
+    from .verdict import compare, report
+    try:
+        base, cand = report.peek(args.base), report.peek(args.candidate)
+        if base["format"] != cand["format"]:
+            raise report.NotResults(f"{args.base} is results format {base['format']} and {args.candidate} format "
+                                    f"{cand['format']}: compare runs written by kvmtests versions of one format")
+        report.load(args.base), report.load(args.candidate)
+    except report.NotResults as e:
+        print(f"kvmtests compare: {e}", file=sys.stderr)
+        return 2
+    doc = compare.compare(base, cand, args.base, args.candidate)
+    print(json.dumps(doc, indent=1) if args.json else compare.render(doc))
+    return doc["exit"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,10 +67,21 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("probe", help="print the host's identity, capabilities and feature groups").set_defaults(
         func=_probe)
-    rp = sub.add_parser("report", help="re-render the summary of a saved run (--kvmtests-json file)")
-    rp.add_argument("file")
-    rp.add_argument("--kcidb", metavar="OUT", help="also write the run as KernelCI KCIDB JSON")
+    rp = sub.add_parser("report", help="re-render the summary of a saved run (--kvmtests-json file); with several "
+                                       "runs, the matrix: feature groups as rows, runs as columns")
+    rp.add_argument("files", nargs="+", metavar="FILE")
+    rp.add_argument("--markdown", action="store_true", help="the matrix as a Markdown table (the README's)")
+    rp.add_argument("--kcidb", metavar="OUT", help="also write the run as KernelCI KCIDB JSON (one file)")
     rp.set_defaults(func=_report)
+    cp = sub.add_parser("compare", help="what changed from a baseline run to a candidate: per test, catalog row and "
+                                        "feature group; exit 1 on a regression or a lost group",
+                        description="Compare two saved runs (--kvmtests-json or qualify's results.json) by test id. "
+                                    "Exit 1 when a test fails in the candidate but not in the base or a feature "
+                                    "group present in the base is not in the candidate; 2 on bad input; else 0.")
+    cp.add_argument("base", metavar="BASE.json")
+    cp.add_argument("candidate", metavar="CANDIDATE.json")
+    cp.add_argument("--json", action="store_true", help="the comparison as JSON (the verdict in its 'verdict' key)")
+    cp.set_defaults(func=_compare)
     for module in (bench, qualify, kernels):
         module.register(sub)
     return p

@@ -56,13 +56,28 @@ def tdp() -> str:
     return f"{'on' if on else 'off'} ({name}={value}{mmu_note})"
 
 
-def qemu_accel() -> str | None:
+def qemu_accel(cmdline: str | None = None) -> str | None:
     """The QEMU accelerator (tcg, kvm) under kvmtests qualify, else None."""
     accel = os.environ.get("KVMTESTS_ACCEL")
-    for word in (_read("/proc/cmdline") or "").split():
+    for word in ((_read("/proc/cmdline") if cmdline is None else cmdline) or "").split():
         if word.startswith("kvmtests.accel="):
             accel = word.split("=", 1)[1]
     return accel or None
+
+
+RUNNER_WORDS = ("console=", "panic=", "kvmtests.", "BOOT_IMAGE=", "initrd=")   # what a runner boots every kernel with
+
+
+def command_line(cmdline: str | None = None) -> str:
+    """The run's command-line variant, so runs of one kernel tell apart: under qualify the words it appended
+    (--append, --variant), on a host the KVM module parameters it was booted with; "default" when none."""
+    words = (_read("/proc/cmdline") if cmdline is None else cmdline or "").split()
+    words = words[: words.index("--")] if "--" in words else words
+    if qemu_accel(cmdline):
+        chosen = [w for w in words if not w.startswith(RUNNER_WORDS)]
+    else:
+        chosen = [w for w in words if w.split("=", 1)[0].split(".", 1)[0] in ("kvm", *VENDOR_MODULES) and "." in w]
+    return " ".join(chosen) or "default"
 
 
 def environment() -> str:

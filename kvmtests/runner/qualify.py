@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -11,8 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import kvmtests
+from kvmtests.verdict import matrix
 from kvmtests.verdict.features import parse_required
-from kvmtests.verdict.report import render_file
+from kvmtests.verdict.report import NotResults, load, render_file
 
 from . import console, initramfs, kernels, qemu
 from .console import RunnerError
@@ -24,6 +26,7 @@ RESULTS_TAG = "results"
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 124
 EXIT_NO_VERDICT = 125
+DEFAULT_VARIANT = "default"
 OUTPUTS = ("rc", "results.json", "junit.xml", "console.log")
 # test_attr_model's profile for qualify: no shrinking, so a failing kernel gets its verdict (and seed) fast
 HYPOTHESIS_PROFILE = ("KVMTESTS_HYPOTHESIS_PROFILE", "qualify")
@@ -158,14 +161,10 @@ def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: 
     return code
 
 
-def qualify(args: argparse.Namespace) -> int:
-    """Validate the inputs, build the initramfs, boot the kernel and report; every input error is one line."""
+def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir: Path | None) -> int:
+    """One cell: validate the inputs, build the initramfs, boot the kernel and report; every input error is one line."""
     try:
-        try:
-            parse_required(args.require)
-        except ValueError as exc:
-            raise RunnerError(f"--require: {exc}") from None
-        image, fetched_modules = resolve_kernel(args.kernel)
+        image, fetched_modules = resolve_kernel(kernel)
         release = kernel_release(image)
         modules = modules_dir(image, release, args.modules or fetched_modules)
         if modules is None:
@@ -174,7 +173,7 @@ def qualify(args: argparse.Namespace) -> int:
         binary = qemu.find_qemu()
         busybox = initramfs.find_busybox()
         accel = choose_accel(args.accel)
-        results = Path(args.results or Path("kvmtests-results") / (release or image.name)).resolve()
+        results = Path(results_dir or args.results or Path("kvmtests-results") / (release or image.name)).resolve()
         results.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:
             (results / name).unlink(missing_ok=True)
@@ -186,7 +185,7 @@ def qualify(args: argparse.Namespace) -> int:
             for absent in initramfs.build(initrd, busybox, modules, plan):
                 print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
             cfg = qemu.MachineConfig(
-                kernel=image, initrd=initrd, append=kernel_cmdline(accel, args.append), accel=accel,
+                kernel=image, initrd=initrd, append=kernel_cmdline(accel, append), accel=accel,
                 cpu=args.cpu or ("host" if accel == "kvm" else "max"), mem=args.mem, smp=args.smp,
                 shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, results, False)))
             print(f"qualify: booting {image} ({release}) under QEMU {accel}, -cpu {cfg.cpu}, "
@@ -200,6 +199,65 @@ def qualify(args: argparse.Namespace) -> int:
         print(f"qualify: {exc.filename or ''}: {exc.strerror}; check the path and its permissions", file=sys.stderr)
         return EXIT_BAD_INPUT
     return report(results, run, min(args.boot_timeout, args.timeout), args.timeout)
+
+
+def cells(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(kernel, variant) per cell: every --kernel with every --variant, in the order given."""
+    return list(dict.fromkeys((k, v) for k in args.kernel for v in args.variant or [DEFAULT_VARIANT]))
+
+
+def cell_dir(root: Path, index: int, kernel: str, variant: str) -> Path:
+    """A cell's own results directory, numbered like its matrix column: 2-debian-6.12-kvm.tdp_mmu=N."""
+    words = [str(index), Path(kernel).name] + ([] if variant == DEFAULT_VARIANT else [variant])
+    return root / re.sub(r"[^A-Za-z0-9._=+-]+", "_", "-".join(words))
+
+
+def qualify(args: argparse.Namespace) -> int:
+    """Run the cells one after the other; several end in the matrix. Exit: the first failing cell's status."""
+    try:
+        parse_required(args.require)
+    except ValueError as exc:
+        print(f"qualify: --require: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    todo = cells(args)
+    if len(todo) == 1:
+        kernel, variant = todo[0]
+        return qualify_one(args, kernel, command_line(args.append, variant), None)
+    root = Path(args.results or "kvmtests-results")
+    done = []
+    for index, (kernel, variant) in enumerate(todo, 1):
+        results = cell_dir(root, index, kernel, variant)
+        print(f"qualify: cell #{index} of {len(todo)}: {kernel}, command line {variant}; results in {results}",
+              flush=True)
+        (results / "results.json").unlink(missing_ok=True)
+        done.append((index, kernel, variant, results, qualify_one(args, kernel, command_line(args.append, variant),
+                                                                  results)))
+    return end_matrix(done)
+
+
+def command_line(append: str, variant: str) -> str:
+    """--append for every cell, then the cell's --variant."""
+    return " ".join(w for w in (append, "" if variant == DEFAULT_VARIANT else variant) if w)
+
+
+def end_matrix(done: list[tuple[int, str, str, Path, int]]) -> int:
+    """Print the cells' matrix, the cells without results, and one closing line; return the first failure."""
+    docs, missing = [], []
+    for index, kernel, variant, results, rc in done:
+        try:
+            docs.append(load(results / "results.json"))
+        except NotResults:
+            missing.append(f"qualify: #{index} {kernel}, command line {variant}: no results (exit {rc}); "
+                           f"see {results / 'console.log'}")
+    print(f"\n== kvmtests matrix ({len(done)} cells)")
+    if docs:
+        print(matrix.render(docs))
+    for line in missing:
+        print(line)
+    failed = [(i, k, v, rc) for i, k, v, _, rc in done if rc]
+    print(f"qualify: {len(done)} cells, " + ("all passed" if not failed else "failed: " + "; ".join(
+        f"#{i} {k}, command line {v} (exit {rc})" for i, k, v, rc in failed)))
+    return failed[0][3] if failed else 0
 
 
 def suite_echo() -> Callable[[str], None]:
@@ -223,9 +281,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Boot IMAGE under QEMU with the host's root file system shared read-only (tmpfs overlay), "
                     "load kvm_amd/kvm_intel inside, run the suite and bring results back. Exit code: the "
                     f"suite's; {EXIT_BAD_INPUT} bad input; {EXIT_TIMEOUT} timeout; {EXIT_NO_VERDICT} the guest "
-                    "ended without a verdict.")
-    p.add_argument("--kernel", required=True, metavar="IMAGE",
-                   help=f"kernel image (bzImage), or a kernel name (fetched or built first): {', '.join(kernels.NAMES)}")
+                    "ended without a verdict. Several --kernel or --variant: one cell each in turn, each with "
+                    "its results directory, then the matrix of them all; exit code: the first failing cell's.")
+    p.add_argument("--kernel", required=True, action="append", metavar="IMAGE",
+                   help="kernel image (bzImage), or a kernel name (fetched or built first): "
+                        f"{', '.join(kernels.NAMES)}; repeat it for a matrix")
     p.add_argument("--modules", type=Path, metavar="DIR",
                    help="the kernel's lib/modules/<release> (default: found beside the image)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
@@ -234,6 +294,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--append", default="", metavar="ARGS",
                    help="more kernel command line, e.g. 'kvm.tdp_mmu=N' or 'kvm_amd.npt=0' (module parameters "
                         "reach KVM built in or loaded as a module alike)")
+    p.add_argument("--variant", action="append", metavar="ARGS",
+                   help="a kernel command-line variant, one matrix cell per kernel: e.g. 'kvm.tdp_mmu=N'; "
+                        f"'{DEFAULT_VARIANT}' is none; repeat it (default: {DEFAULT_VARIANT} only)")
     p.add_argument("--mem", default="2G", metavar="SIZE", help="guest memory (default 2G)")
     p.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1: TCG guests oopsed with 2)")
     p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
@@ -241,7 +304,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--boot-timeout", type=float, default=300, metavar="SECONDS",
                    help="limit until the suite starts (default 300)")
     p.add_argument("--results", metavar="DIR",
-                   help="where rc, junit.xml, results.json and console.log go (default kvmtests-results/<release>)")
+                   help="where rc, junit.xml, results.json and console.log go (default kvmtests-results/<release>); "
+                        "with several cells, the directory of one numbered directory per cell (default kvmtests-results)")
     p.add_argument("--require", default="", metavar="GROUPS",
                    help="gating, as pytest --require: 'series' or feature groups (comma separated) the kernel must "
                         "carry; an absent one is one failure line")

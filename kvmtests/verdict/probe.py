@@ -42,6 +42,7 @@ def host_identity() -> dict[str, str]:
         "vendor module": host.vendor_module(),
         "tdp": host.tdp(),
         "environment": host.environment(),
+        "command line": host.command_line(),
         "capabilities": capability_line(),
     }
 

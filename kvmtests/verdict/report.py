@@ -11,6 +11,9 @@ from tabulate import tabulate
 
 from . import features
 
+# The document's version: it changes when a key is removed or changes meaning, so that a reader of one version
+# can trust every key it knows. Added keys keep the version, and readers take them with .get (host "command line"
+# came after format 1's first files).
 FORMAT_VERSION = 1
 OUTCOMES = ("passed", "failed", "skipped", "known-deviation", "unexpected-pass", "error")
 CORE = "core"
@@ -62,7 +65,8 @@ def required_absent(doc: dict) -> list[str]:
             f"{doc['features'][g]['how']}" for g in doc["required"] if doc["features"][g]["state"] != "present"]
 
 
-def _ranges(numbers: list[int]) -> str:
+def ranges(numbers: list[int]) -> str:
+    """Catalog numbers as the catalog writes them: 59-61, 66."""
     out, start = [], None
     for i, n in enumerate(numbers):
         if start is None:
@@ -96,14 +100,35 @@ def render(doc: dict) -> str:
         parts.append(f"FAILED {line}")
     cov = doc["coverage"]
     parts.append(f"catalog coverage: {len(cov['covered'])}/{len(features.CATALOG)} numbers have a test; "
-                 f"without a test: {_ranges(cov['missing'])}")
+                 f"without a test: {ranges(cov['missing'])}")
     return "\n\n".join(parts)
 
 
+class NotResults(ValueError):
+    """A file that is missing, unreadable, not a kvmtests result, or of another format version: one line."""
+
+
+def peek(path: str | Path) -> dict:
+    """A saved run of any format version; NotResults says in one line why the file is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NotResults(f"{path} does not exist: pass a file written by --kvmtests-json or kvmtests qualify") from None
+    except OSError as e:
+        raise NotResults(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("format"), int) or not isinstance(doc.get("tests"), list):
+        raise NotResults(f"{path} is not a kvmtests result: pass a file written by --kvmtests-json or kvmtests qualify")
+    return doc
+
+
 def load(path: str | Path) -> dict:
-    doc = json.loads(Path(path).read_text())
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
-        raise ValueError(f"not a kvmtests results file (format {FORMAT_VERSION})")
+    """A saved run this kvmtests reads (format FORMAT_VERSION)."""
+    doc = peek(path)
+    if doc["format"] != FORMAT_VERSION:
+        raise NotResults(f"{path} is results format {doc['format']}, this kvmtests reads format {FORMAT_VERSION}: "
+                         "use the kvmtests version that wrote it, or run the suite again")
     return doc
 
 

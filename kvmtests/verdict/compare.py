@@ -1,0 +1,176 @@
+"""`kvmtests compare`: what a candidate kernel's run changed against a baseline's, to gate a backport.
+
+Runs from different kernels, hosts and suite versions match by test id; catalog rows and feature groups
+summarise the same changes."""
+from __future__ import annotations
+
+from collections import Counter
+
+from tabulate import tabulate
+
+from . import features
+from .report import CORE, OUTCOMES, ranges
+
+BAD = ("failed", "error")
+# category -> heading; the order is the report's
+CATEGORIES = {
+    "regression": "regressions: failed in the candidate, not in the base",
+    "fixed": "fixed: failed in the base, passes in the candidate",
+    "unexpected-pass": "known deviation -> unexpected pass: the catalog's warning item no longer reproduces",
+    "started": "started running: skipped in the base",
+    "stopped": "stopped running: skipped in the candidate",
+    "only-base": "tests only in the base run",
+    "only-candidate": "tests only in the candidate run",
+}
+EXIT_REGRESSION = 1
+
+
+def identity(doc: dict) -> str:
+    """Which run a document is: kernel release, CPU, environment and command-line variant."""
+    h = doc["host"]
+    return (f"{h.get('kernel', '?')}, {h.get('cpu vendor', '?')} {h.get('vendor module', '?')}, "
+            f"{h.get('environment', '?')}, command line {h.get('command line', '-')}")
+
+
+def _xpass(test: dict) -> bool:
+    return test["outcome"] == "failed" and "XPASS" in test["message"]
+
+
+def category(base: dict | None, cand: dict | None) -> str | None:
+    """How one test changed; None when it did not in a way the comparison reports."""
+    if base is None:
+        return "regression" if cand["outcome"] in BAD else "only-candidate"
+    if cand is None:
+        return "only-base"
+    b, c = base["outcome"], cand["outcome"]
+    if b == "known-deviation" and (c == "passed" or _xpass(cand)):
+        return "unexpected-pass"
+    if c in BAD and b not in BAD:
+        return "regression"
+    if b in BAD and c not in BAD and c != "skipped":
+        return "fixed"
+    if b == "skipped" and c != "skipped":
+        return "started"
+    if b != "skipped" and c == "skipped":
+        return "stopped"
+    return None
+
+
+def _why(cat: str, base: dict | None, cand: dict | None) -> str:
+    """The message that explains the change: the skip reason that went away or came, or the failure."""
+    side = base if cat in ("fixed", "started", "only-base") else cand
+    lines = (side or {}).get("message", "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _counts(doc: dict) -> dict[str, Counter]:
+    counts: dict[str, Counter] = {}
+    for t in doc["tests"]:
+        for g in t["groups"] or [CORE]:
+            counts.setdefault(g, Counter())[t["outcome"]] += 1
+    return counts
+
+
+def _groups(base: dict, cand: dict) -> list[dict]:
+    """Per feature group: detection and outcome counts on both sides, and what changed."""
+    bc, cc = _counts(base), _counts(cand)
+    out = []
+    for g in [*features.GROUPS, CORE]:
+        b = base["features"].get(g, {"state": "-", "how": ""})
+        c = cand["features"].get(g, {"state": "-", "how": ""})
+        if b["state"] == features.PRESENT and c["state"] != features.PRESENT:
+            change = "lost"
+        elif c["state"] == features.PRESENT and b["state"] != features.PRESENT:
+            change = "gained"
+        elif b["state"] != c["state"]:
+            change = "detection changed"
+        elif bc.get(g, Counter()) != cc.get(g, Counter()):
+            change = "counts changed"
+        else:
+            change = None
+        out.append({"group": g, "change": change,
+                    "base": {**b, "counts": {o: bc.get(g, Counter())[o] for o in OUTCOMES}},
+                    "candidate": {**c, "counts": {o: cc.get(g, Counter())[o] for o in OUTCOMES}}})
+    return out
+
+
+def compare(base: dict, cand: dict, base_name: str = "base", cand_name: str = "candidate") -> dict:
+    """The comparison as one JSON-ready document, ending in its verdict and exit status."""
+    btests = {t["nodeid"]: t for t in base["tests"]}
+    ctests = {t["nodeid"]: t for t in cand["tests"]}
+    tests: dict[str, list[dict]] = {cat: [] for cat in CATEGORIES}
+    for nodeid in sorted(btests.keys() | ctests.keys()):
+        b, c = btests.get(nodeid), ctests.get(nodeid)
+        cat = category(b, c)
+        if cat:
+            tests[cat].append({"nodeid": nodeid, "catalog": (c or b)["catalog"], "groups": (c or b)["groups"],
+                               "base": b["outcome"] if b else None, "candidate": c["outcome"] if c else None,
+                               "why": _why(cat, b, c)})
+    rows = {cat: sorted({n for t in tests[cat] for n in t["catalog"]})
+            for cat in ("regression", "fixed", "unexpected-pass", "started", "stopped")}
+    groups = _groups(base, cand)
+    bf, cf = base.get("findings", []), cand.get("findings", [])
+    doc = {"base": {"file": base_name, "run": identity(base)}, "candidate": {"file": cand_name, "run": identity(cand)},
+           "tests": tests, "catalog rows": rows, "groups": groups,
+           "findings": {"new": [f for f in cf if f not in bf], "vanished": [f for f in bf if f not in cf]}}
+    doc["exit"] = EXIT_REGRESSION if tests["regression"] or _lost(groups) else 0
+    doc["verdict"] = verdict(doc)
+    return doc
+
+
+def _lost(groups: list[dict]) -> list[str]:
+    return [g["group"] for g in groups if g["change"] == "lost"]
+
+
+def verdict(doc: dict) -> str:
+    """One line: regression or not, and the counts behind it."""
+    t, lost = doc["tests"], _lost(doc["groups"])
+    if doc["exit"]:
+        named = [f"{x['nodeid']} ({x['base'] or 'not in base'} -> {x['candidate']}"
+                 + (f", catalog {ranges(x['catalog'])})" if x["catalog"] else ")") for x in t["regression"][:3]]
+        more = f" and {len(t['regression']) - 3} more" if len(t["regression"]) > 3 else ""
+        parts = ([f"{len(t['regression'])} regressed: " + "; ".join(named) + more] if named else []) + \
+                ([f"groups no longer present: {', '.join(lost)}"] if lost else [])
+        return f"compare: REGRESSION: {'; '.join(parts)}"
+    started = doc["catalog rows"]["started"]
+    return (f"compare: no regression: {len(t['fixed'])} fixed, {len(t['started'])} started running"
+            + (f" (catalog {ranges(started)})" if started else "")
+            + f", {len(t['stopped'])} stopped running, {len(t['unexpected-pass'])} unexpected passes")
+
+
+def _cell(side: dict) -> str:
+    c = side["counts"]
+    err = f" +{c['error']} err" if c["error"] else ""
+    return f"{side['state']} {c['passed']}/{c['failed']}/{c['skipped']}/{c['known-deviation']}{err}"
+
+
+def render(doc: dict) -> str:
+    """The comparison for people: changed tests by category, catalog rows, groups, findings, verdict last."""
+    parts = ["\n".join(f"{side + ':':<10} {doc[side]['run']}  ({doc[side]['file']})" for side in ("base", "candidate"))]
+    for cat, heading in CATEGORIES.items():
+        items = doc["tests"][cat]
+        if not items:
+            continue
+        lines = [f"{heading} ({len(items)})"]
+        for t in items:
+            row = f"catalog {ranges(t['catalog'])}" if t["catalog"] else "no catalog row"
+            move = f"{t['base'] or '-'} -> {t['candidate'] or '-'}"
+            lines.append(f"  {t['nodeid']}  [{row}]  {move}" + (f": {t['why']}" if t["why"] else ""))
+        parts.append("\n".join(lines))
+    rows = doc["catalog rows"]
+    parts.append("\n".join(f"catalog rows {label}: {ranges(rows[cat])}" for cat, label in (
+        ("regression", "that regressed"), ("fixed", "fixed"), ("unexpected-pass", "with an unexpected pass"),
+        ("started", "that start running"), ("stopped", "that stop running"))))
+    changed = [g for g in doc["groups"] if g["change"]]
+    if changed:
+        table = [[g["group"], g["change"], _cell(g["base"]), _cell(g["candidate"]),
+                  g["candidate"]["how"] if g["change"] in ("lost", "gained", "detection changed") else ""]
+                 for g in changed]
+        parts.append(tabulate(table, headers=["group", "change", "base", "candidate", "candidate detected by"],
+                              tablefmt="simple") + "\n(state, then pass/fail/skip/known-deviation counts)")
+    else:
+        parts.append("feature groups: no change in detection or counts")
+    findings = [f"{kind} finding: {f}" for kind in ("new", "vanished") for f in doc["findings"][kind]]
+    parts.extend(["\n".join(findings)] if findings else [])
+    parts.append(doc["verdict"])
+    return "\n\n".join(parts)

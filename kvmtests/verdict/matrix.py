@@ -1,0 +1,69 @@
+"""The kernel matrix: several saved runs side by side, feature groups as rows, so a lab's runs read as one table."""
+from __future__ import annotations
+
+from collections import Counter
+
+from tabulate import tabulate
+
+from . import features
+from .report import CORE, required_absent
+
+IDENTITY = (("kernel", "kernel"), ("cpu", "cpu vendor"), ("environment", "environment"),
+            ("command line", "command line"))
+LEGEND = "cells: detected state, then pass/fail/skip/known-deviation counts (+ errors); total: the run's exit status"
+
+
+def _counts(doc: dict) -> tuple[dict[str, Counter], Counter]:
+    per: dict[str, Counter] = {}
+    for t in doc["tests"]:
+        for g in t["groups"] or [CORE]:
+            per.setdefault(g, Counter())[t["outcome"]] += 1
+    return per, Counter(t["outcome"] for t in doc["tests"])
+
+
+def _cell(state: str, c: Counter) -> str:
+    err = f" +{c['error']} err" if c["error"] else ""
+    return f"{state} {c['passed']}/{c['failed']}/{c['skipped']}/{c['known-deviation']}{err}"
+
+
+def column(doc: dict) -> list[str]:
+    """A run's header lines: kernel release, CPU (vendor and KVM module), environment, command-line variant."""
+    h = doc["host"]
+    cpu = f"{h.get('cpu vendor', '?')} {h.get('vendor module', '?')}"
+    return [h.get("kernel", "?"), cpu, h.get("environment", "?").removesuffix(" (kvmtests qualify)"),
+            h.get("command line", "-")]
+
+
+def rows(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers (one per run, numbered) and one row per feature group, core and total."""
+    headers = ["run\n" + "\n".join(label for label, _ in IDENTITY)] + \
+              [f"#{i}\n" + "\n".join(column(d)) for i, d in enumerate(docs, 1)]
+    counted = [_counts(d) for d in docs]
+    body = []
+    for g in features.GROUPS:
+        body.append([g] + [_cell(d["features"].get(g, {"state": "-"})["state"], per.get(g, Counter()))
+                           for d, (per, _) in zip(docs, counted)])
+    body.append([CORE] + [_cell("-", per.get(CORE, Counter())) for per, _ in counted])
+    body.append(["total"] + [_cell(f"exit {d['exitstatus']}", total) for d, (_, total) in zip(docs, counted)])
+    return headers, body
+
+
+def notes(docs: list[dict]) -> list[str]:
+    """Findings and failed gates below the table, each with the runs it appeared in."""
+    seen: dict[str, list[int]] = {}
+    for i, d in enumerate(docs, 1):
+        for line in d.get("findings", []):
+            seen.setdefault(f"finding: {line}", []).append(i)
+        for line in required_absent(d):
+            seen.setdefault(f"FAILED {line}", []).append(i)
+    return [f"{' '.join(f'#{i}' for i in runs)}: {text}" for text, runs in seen.items()]
+
+
+def render(docs: list[dict], markdown: bool = False) -> str:
+    """The matrix as text (or a Markdown table for the README), findings below."""
+    headers, body = rows(docs)
+    if markdown:
+        headers = [h.replace("\n", "<br>") for h in headers]
+    table = tabulate(body, headers=headers, tablefmt="github" if markdown else "simple", disable_numparse=True)
+    below = [f"- {line}" if markdown else line for line in notes(docs)]
+    return "\n\n".join([table, LEGEND] + (["\n".join(below)] if below else []))
