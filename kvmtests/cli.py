@@ -53,7 +53,7 @@ def _compare(args: argparse.Namespace) -> int:
         if base["format"] != cand["format"]:
             raise report.NotResults(f"{args.base} is results format {base['format']} and {args.candidate} format "
                                     f"{cand['format']}: compare runs written by kvmtests versions of one format")
-        report.load(args.base), report.load(args.candidate)
+        base, cand = report.check_format(base, args.base), report.check_format(cand, args.candidate)
     except report.NotResults as e:
         print(f"kvmtests compare: {e}", file=sys.stderr)
         return 2

@@ -147,6 +147,8 @@ def test_compare_command_text_and_json(tmp_path):
     (lambda d: None, "missing.json does not exist: pass a file written by --kvmtests-json or kvmtests qualify"),
     (lambda d: (d / "missing.json").write_text("[1, 2]"), "missing.json is not a kvmtests result"),
     (lambda d: (d / "missing.json").write_text("\x00\xff garbage"), "missing.json is not a kvmtests result"),
+    (lambda d: (d / "missing.json").write_text(json.dumps(dict(stock(), tests=[{"nodeid": "x"}]))),
+     "missing.json is an incomplete kvmtests result (format 1)"),
     (lambda d: (d / "missing.json").write_text(json.dumps(dict(stock(), format=2))),
      "missing.json format 2: compare runs written by kvmtests versions of one format"),
 ])

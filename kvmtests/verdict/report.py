@@ -123,13 +123,26 @@ def peek(path: str | Path) -> dict:
     return doc
 
 
-def load(path: str | Path) -> dict:
-    """A saved run this kvmtests reads (format FORMAT_VERSION)."""
-    doc = peek(path)
+TEST_KEYS = {"nodeid", "outcome", "message", "catalog", "groups"}
+
+
+def check_format(doc: dict, path: str | Path) -> dict:
+    """The document if it is a whole run of FORMAT_VERSION; NotResults in one line otherwise."""
     if doc["format"] != FORMAT_VERSION:
         raise NotResults(f"{path} is results format {doc['format']}, this kvmtests reads format {FORMAT_VERSION}: "
                          "use the kvmtests version that wrote it, or run the suite again")
+    whole = (isinstance(doc.get("host"), dict) and isinstance(doc.get("features"), dict)
+             and isinstance(doc.get("exitstatus"), int)
+             and all(isinstance(t, dict) and TEST_KEYS <= t.keys() for t in doc["tests"]))
+    if not whole:
+        raise NotResults(f"{path} is an incomplete kvmtests result (format {FORMAT_VERSION}): pass the file as "
+                         "--kvmtests-json or kvmtests qualify wrote it")
     return doc
+
+
+def load(path: str | Path) -> dict:
+    """A saved run this kvmtests reads (format FORMAT_VERSION)."""
+    return check_format(peek(path), path)
 
 
 def render_file(path: str | Path) -> str:
