@@ -102,7 +102,7 @@ def test_every_kind_of_change_matches_golden_file():
     cand = run("6.12.1-cand", [
         test("tests/t.py::test_reg", "error", [16], ["rwx_attributes"], "E taint grew"),
         test("tests/t.py::test_fix", "passed", [80], ["hv_exits"]),
-        test("tests/t.py::test_dev", "failed", [43], ["rwx_attributes"], "[XPASS(strict)] v1 keeps a writable SPTE"),
+        test("tests/t.py::test_dev", "unexpected-pass", [43], ["rwx_attributes"], "unexpected pass: v1 keeps a writable SPTE"),
         test("tests/t.py::test_stop", "skipped", [111], ["vtl_ipi"], "kernel lacks KVM_CAP_HYPERV"),
         test("tests/t.py::test_new", "passed", [], []),
         test("tests/t.py::test_new_fail", "failed", [5], ["rwx_attributes"], "E catalog 5: boom"),
@@ -115,6 +115,25 @@ def test_every_kind_of_change_matches_golden_file():
     assert [g["group"] for g in doc["groups"] if g["change"] == "lost"] == ["rwx_attributes"]
     assert doc["findings"] == {"new": ["partial series: new"], "vanished": ["partial series: old"]}
     assert compare.render(doc) == (GOLDEN / "compare.txt").read_text().rstrip("\n")
+
+
+@pytest.mark.parametrize("base,cand,expected", [
+    ("known-deviation", "unexpected-pass", "unexpected-pass"),
+    ("known-deviation", "passed", "unexpected-pass"),
+    ("skipped", "unexpected-pass", "unexpected-pass"),
+    ("unexpected-pass", "unexpected-pass", None),
+    ("known-deviation", "known-deviation", None),
+    ("unexpected-pass", "known-deviation", None),
+    ("skipped", "failed", "regression"),
+    ("error", "skipped", "stopped"),
+])
+def test_one_test_change(base, cand, expected):
+    assert compare.category(test("t", base, [1], []), test("t", cand, [1], [])) == expected
+
+
+def test_an_unexpected_pass_in_a_file_from_before_its_own_outcome():
+    old = test("t", "failed", [43], [], "[XPASS(strict)] v1 keeps a writable SPTE")
+    assert compare.category(test("t", "known-deviation", [43], []), old) == "unexpected-pass"
 
 
 def test_a_lost_group_alone_exits_1():

@@ -9,7 +9,7 @@ from collections import Counter
 from tabulate import tabulate
 
 from . import features
-from .report import CORE, OUTCOMES, ranges
+from .report import CORE, OUTCOMES, cell, ranges
 
 BAD = ("failed", "error")
 # category -> heading; the order is the report's
@@ -33,17 +33,18 @@ def identity(doc: dict) -> str:
 
 
 def _xpass(test: dict) -> bool:
-    return test["outcome"] == "failed" and "XPASS" in test["message"]
+    """An unexpected pass, also as files written before it had its own outcome (failed, "[XPASS(strict)] ...")."""
+    return test["outcome"] == "unexpected-pass" or (test["outcome"] == "failed" and "XPASS" in test["message"])
 
 
 def category(base: dict | None, cand: dict | None) -> str | None:
     """How one test changed; None when it did not in a way the comparison reports."""
     if base is None:
-        return "regression" if cand["outcome"] in BAD else "only-candidate"
+        return "regression" if cand["outcome"] in BAD and not _xpass(cand) else "only-candidate"
     if cand is None:
         return "only-base"
     b, c = base["outcome"], cand["outcome"]
-    if b == "known-deviation" and (c == "passed" or _xpass(cand)):
+    if (_xpass(cand) and not _xpass(base)) or (b == "known-deviation" and c == "passed"):
         return "unexpected-pass"
     if c in BAD and b not in BAD:
         return "regression"
@@ -139,9 +140,7 @@ def verdict(doc: dict) -> str:
 
 
 def _cell(side: dict) -> str:
-    c = side["counts"]
-    err = f" +{c['error']} err" if c["error"] else ""
-    return f"{side['state']} {c['passed']}/{c['failed']}/{c['skipped']}/{c['known-deviation']}{err}"
+    return cell(side["state"], side["counts"])
 
 
 def render(doc: dict) -> str:
@@ -167,7 +166,7 @@ def render(doc: dict) -> str:
                   g["candidate"]["how"] if g["change"] in ("lost", "gained", "detection changed") else ""]
                  for g in changed]
         parts.append(tabulate(table, headers=["group", "change", "base", "candidate", "candidate detected by"],
-                              tablefmt="simple") + "\n(state, then pass/fail/skip/known-deviation counts)")
+                              tablefmt="simple") + "\n(state, then pass/fail/skip/known-deviation counts, + unexpected passes and errors)")
     else:
         parts.append("feature groups: no change in detection or counts")
     findings = [f"{kind} finding: {f}" for kind in ("new", "vanished") for f in doc["findings"][kind]]

@@ -6,11 +6,12 @@ from collections import Counter
 from tabulate import tabulate
 
 from . import features
-from .report import CORE, required_absent
+from .report import CORE, cell, required_absent
 
 IDENTITY = (("kernel", "kernel"), ("cpu", "cpu vendor"), ("environment", "environment"),
             ("command line", "command line"))
-LEGEND = "cells: detected state, then pass/fail/skip/known-deviation counts (+ errors); total: the run's exit status"
+LEGEND = ("cells: detected state, then pass/fail/skip/known-deviation counts (+ unexpected passes, errors); "
+          "total: the run's exit status")
 
 
 def _counts(doc: dict) -> tuple[dict[str, Counter], Counter]:
@@ -19,11 +20,6 @@ def _counts(doc: dict) -> tuple[dict[str, Counter], Counter]:
         for g in t["groups"] or [CORE]:
             per.setdefault(g, Counter())[t["outcome"]] += 1
     return per, Counter(t["outcome"] for t in doc["tests"])
-
-
-def _cell(state: str, c: Counter) -> str:
-    err = f" +{c['error']} err" if c["error"] else ""
-    return f"{state} {c['passed']}/{c['failed']}/{c['skipped']}/{c['known-deviation']}{err}"
 
 
 def column(doc: dict) -> list[str]:
@@ -41,10 +37,10 @@ def rows(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
     counted = [_counts(d) for d in docs]
     body = []
     for g in features.GROUPS:
-        body.append([g] + [_cell(d["features"].get(g, {"state": "-"})["state"], per.get(g, Counter()))
+        body.append([g] + [cell(d["features"].get(g, {"state": "-"})["state"], per.get(g, Counter()))
                            for d, (per, _) in zip(docs, counted)])
-    body.append([CORE] + [_cell("-", per.get(CORE, Counter())) for per, _ in counted])
-    body.append(["total"] + [_cell(f"exit {d['exitstatus']}", total) for d, (_, total) in zip(docs, counted)])
+    body.append([CORE] + [cell("-", per.get(CORE, Counter())) for per, _ in counted])
+    body.append(["total"] + [cell(f"exit {d['exitstatus']}", total) for d, (_, total) in zip(docs, counted)])
     return headers, body
 
 

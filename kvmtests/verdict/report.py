@@ -65,6 +65,13 @@ def required_absent(doc: dict) -> list[str]:
             f"{doc['features'][g]['how']}" for g in doc["required"] if doc["features"][g]["state"] != "present"]
 
 
+def cell(state: str, counts: Counter | dict) -> str:
+    """A group's state and counts in one table cell: absent 3/0/16/0 (+1 xpass +2 err when there are any)."""
+    extra = "".join(f" +{counts[o]} {word}" for o, word in (("unexpected-pass", "xpass"), ("error", "err"))
+                    if counts[o])
+    return f"{state} {counts['passed']}/{counts['failed']}/{counts['skipped']}/{counts['known-deviation']}{extra}"
+
+
 def ranges(numbers: list[int]) -> str:
     """Catalog numbers as the catalog writes them: 59-61, 66."""
     out, start = [], None
