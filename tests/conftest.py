@@ -3,7 +3,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvmtests.machine import memfault
 from kvmtests.machine.kvm import Kvm, Vm
+from kvmtests.verdict import features
 
 
 @pytest.fixture
@@ -16,3 +18,16 @@ def kvm() -> Iterator[Kvm]:
 def vm(kvm: Kvm) -> Iterator[Vm]:
     with kvm.create_vm() as v:
         yield v
+
+
+def fault_rule_for(series: object) -> memfault.FaultRule:
+    """What insn_len every memory-fault exit must carry: P11 as detected, the CPU's reporting, the paging mode."""
+    state = series.detection("fault_insn_len").state
+    return memfault.FaultRule(None if state == features.UNKNOWN else state == features.PRESENT,
+                              memfault.intel_ept(), memfault.tdp() is False)
+
+
+@pytest.fixture
+def fault_rule(series: object) -> memfault.FaultRule:
+    """The shared insn_len expectation, so a wrong byte 56 fails every row that provokes an exit."""
+    return fault_rule_for(series)

@@ -35,11 +35,11 @@ def flag(series, kind: str) -> int:
 
 
 @pytest.fixture
-def prober(vm, series):
+def prober(vm, series, fault_rule):
     """Section C preconditions: the series' attributes and TDP; a guest ready to access PAGE_A/PAGE_B."""
     series.require("rwx_attributes")
     memfault.require_tdp()
-    p = memfault.build_prober(vm)
+    p = memfault.build_prober(vm, rule=fault_rule)
     for page in (PAGE_A, PAGE_B):
         vm.write(page + OFF, PATTERN.to_bytes(8, "little"))
         p.place_ret(page)
@@ -142,11 +142,11 @@ def test_nx_page_first_mapped_by_a_read_stays_non_executable(prober, series):
 
 
 @pytest.mark.catalog(49)
-def test_write_after_read_of_never_populated_nw_page(vm, series):
+def test_write_after_read_of_never_populated_nw_page(vm, series, fault_rule):
     """49a: the host never touched the page, so the read maps the zero page read-only."""
     series.require("rwx_attributes")
     memfault.require_tdp()
-    p = memfault.build_prober(vm)
+    p = memfault.build_prober(vm, rule=fault_rule)
     untouched = guest.DATA_GPA + 0x40000
     memfault.set_attrs(vm, untouched, PAGE, NW, 49)
     out = p.access(READ, untouched + OFF)
@@ -267,11 +267,11 @@ def test_faulting_restricted_pages_leaves_the_kernel_healthy(prober):
 
 
 @pytest.mark.catalog(58)
-def test_fault_on_one_vcpu_leaves_another_alone(vm, series, request):
+def test_fault_on_one_vcpu_leaves_another_alone(vm, series, request, fault_rule):
     series.require("rwx_attributes")
     memfault.require_tdp()
     expect_legacy_mmu_deviation(request, 58)
-    p = memfault.build_prober(vm, vcpus=2)
+    p = memfault.build_prober(vm, vcpus=2, rule=fault_rule)
     vcpu0, vcpu1 = p.m.vcpus
     memfault.set_attrs(vm, PAGE_A, PAGE, NW, 58)
     expect_fault(p.access(WRITE, PAGE_A + OFF, 1, vcpu0), WRITE, PAGE_A, 58, flag(series, WRITE))
@@ -284,10 +284,10 @@ def test_fault_on_one_vcpu_leaves_another_alone(vm, series, request):
 @pytest.mark.parametrize("kind,row", [pytest.param(READ, 59, marks=pytest.mark.catalog(59), id="59-read"),
                                       pytest.param(WRITE, 60, marks=pytest.mark.catalog(60), id="60-write"),
                                       pytest.param(EXEC, 61, marks=pytest.mark.catalog(61), id="61-exec")])
-def test_private_page_access_flags(kvm, series, kind, row):
+def test_private_page_access_flags(kvm, series, fault_rule, kind, row):
     """A PRIVATE page in a memslot without guest_memfd: PRIVATE plus the access kind (P09), PRIVATE alone upstream."""
     with kvm.create_vm(memfault.sw_protected_vm_type(kvm)) as vm:
-        p = memfault.build_prober(vm)
+        p = memfault.build_prober(vm, rule=fault_rule)
         p.place_ret(PAGE_A)
         memfault.set_attrs(vm, PAGE_A, PAGE, PRIVATE, row)
         want = PRIVATE | (memfault.FLAG_OF[kind] if series.patched("fault_rwx_flags") else 0)
@@ -307,13 +307,18 @@ def insn_rows() -> list:
             for k in "rw" for n in range(1, 16)]
 
 
-def insn_fault(vm, name: str) -> tuple[int, memfault.Fault | None, guest.Machine]:
-    """Run one labelled instruction of insn_len.S against a restricted page: (its length, the fault, machine)."""
+def insn_fault(vm, name: str, series, rule: memfault.FaultRule, row: str) -> tuple[int, memfault.Fault]:
+    """Run one labelled instruction of insn_len.S against a restricted page: (its length, the fault, every field checked)."""
     payload = guest.load_payload("insn_len")
     m = guest.build(vm, payload, entry=name)
-    memfault.set_attrs(vm, INSN_PAGE, PAGE, NR | NW | NX if name.startswith("r") else NW, 63)
+    kind = READ if name.startswith("r") else WRITE
+    memfault.set_attrs(vm, INSN_PAGE, PAGE, NR | NW | NX if kind == READ else NW, 63)
     _, fault = memfault.run_for_fault(m)
-    return payload.length(f"{name}_insn", f"{name}_end"), fault, m
+    with series.precondition("rwx_attributes", f"catalog 35/44: {name} on a restricted page makes a memory-fault exit"):
+        assert fault is not None, f"got {m.describe()}"
+    length = payload.length(f"{name}_insn", f"{name}_end")
+    what = f"{name} ({length}-byte {kind}): {fault} ({memfault.backing(vm, INSN_PAGE)})"
+    return length, memfault.check_fault(fault, row, what, flag(series, kind), INSN_PAGE, rule.insn_lens(length), rule)
 
 
 def require_insn_len(series) -> None:
@@ -322,48 +327,41 @@ def require_insn_len(series) -> None:
 
 
 @pytest.mark.parametrize("name", insn_rows())
-def test_insn_len_is_the_instruction_length(vm, series, name):
+def test_insn_len_is_the_instruction_length(vm, series, fault_rule, name):
     require_insn_len(series)
     if not memfault.intel_ept():
         pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
-    length, fault, m = insn_fault(vm, name)
+    length, fault = insn_fault(vm, name, series, fault_rule, "63/64")
     assert length == int(name[1:]), f"payload bug: {name} is {length} bytes"
-    with series.precondition("rwx_attributes", f"catalog 35/44: {name} on a restricted page makes a memory-fault exit"):
-        assert fault is not None, f"got {m.describe()}"
     assert fault.insn_len == length, f"catalog 63/64: {name}: {fault}, expected insn_len {length}"
 
 
 @pytest.mark.catalog(67, 68, 69)
-def test_insn_len_never_exceeds_15(vm, series, kvm):
+def test_insn_len_never_exceeds_15(vm, series, kvm, fault_rule):
     """67/69 on every host with P11; 68 (AMD decode-assist byte count) is the same bound."""
     require_insn_len(series)
     memfault.require_tdp()
     seen = []
     for name in ("r1", "r7", "r15", "w1", "w9", "w15"):
         with kvm.create_vm() as own:
-            _, fault, m = insn_fault(own, name)
-            with series.precondition("rwx_attributes", f"catalog 35/44: {name} on a restricted page makes a "
-                                                       "memory-fault exit"):
-                assert fault is not None, f"got {m.describe()}"
-            seen.append((name, fault))
-    p = memfault.build_prober(vm)
+            seen.append((name, insn_fault(own, name, series, fault_rule, "67")[1]))
+    p = memfault.build_prober(vm, rule=fault_rule)
     p.place_ret(PAGE_A)
     memfault.set_attrs(vm, PAGE_A, PAGE, NX, 69)
     out = p.access(EXEC, target(EXEC, PAGE_A))
     with series.precondition("rwx_attributes", "catalog 41: an execute on an NX page makes a memory-fault exit"):
         assert out.fault is not None, str(out)
-    exec_fault = out.fault
-    seen.append(("execute", exec_fault))
+    seen.append(("execute", expect_fault(out, EXEC, PAGE_A, 69, flag(series, EXEC))))
     bad = [f"{name}: {fault}" for name, fault in seen if fault.insn_len > 15]
     assert not bad, f"catalog 67/68/69: insn_len above 15: {'; '.join(bad)}"
 
 
 @pytest.mark.catalog(70)
-def test_shadow_paging_reports_no_insn_len(vm, series):
+def test_shadow_paging_reports_no_insn_len(vm, series, fault_rule):
     require_insn_len(series)
     if memfault.tdp() is not False:
         pytest.skip("needs TDP disabled (kvm_intel.ept=0 or kvm_amd.npt=0): the row is about the shadow #PF path")
-    p = memfault.build_prober(vm)
+    p = memfault.build_prober(vm, rule=fault_rule)
     p.place_ret(PAGE_A)
     memfault.set_attrs(vm, PAGE_A, PAGE, NW | NX, 70)
     for kind in (WRITE, EXEC):
@@ -383,7 +381,8 @@ def test_private_mismatch_exit_carries_insn_len(kvm, series):
         _, fault = memfault.run_for_fault(m)
         with series.precondition("core", "a read of a PRIVATE page without guest_memfd makes a memory-fault exit"):
             assert fault is not None, f"got {m.describe()}"
-        assert fault.insn_len == 3, f"catalog 65: {fault}, expected insn_len 3 (mov (%rbx),%rax)"
+        memfault.check_fault(fault, 65, f"private read by mov (%rbx),%rax: {fault}", PRIVATE | flag(series, READ),
+                             INSN_PAGE, frozenset({3}), "Intel EPT: the instruction length")
 
 
 SENTINEL_ROWS = [pytest.param("nw-write", marks=pytest.mark.catalog(66), id="66-nw-write-default-vm"),
@@ -408,12 +407,12 @@ def test_insn_len_byte_overwrites_sentinel(kvm, series, source):
                           ("core", "a read of a PRIVATE page without guest_memfd"))
         with series.precondition(provider, f"{what} makes a memory-fault exit"):
             assert fault is not None, f"got {m.describe()}"
-        if not series.patched("fault_insn_len"):
-            assert fault.insn_len == memfault.SENTINEL, f"catalog 66: byte 56 = {fault.insn_len:#x}, sentinel 0xa5 lost"
-            return
         length = payload.length(f"{entry}_insn", f"{entry}_end")
-        want = {length} if memfault.intel_ept() else set(range(16))
-        assert fault.insn_len in want, f"catalog 66: byte 56 = {fault.insn_len:#x}, expected {sorted(want)}"
+        rule = memfault.FaultRule(series.patched("fault_insn_len"), memfault.intel_ept(), memfault.tdp() is False)
+        kind = WRITE if entry == "write_data" else READ
+        flags = (PRIVATE if value == PRIVATE else 0) | flag(series, kind)
+        memfault.check_fault(fault, 66, f"{source}: kvm_run byte 56 pre-filled with {memfault.SENTINEL:#x}: "
+                             f"{fault}", flags, guest.DATA_GPA, rule.insn_lens(length), rule)
 
 
 @pytest.mark.catalog(3)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmtests import uapi
 
@@ -124,6 +124,35 @@ class Fault:
                 f"size {self.size:#x} insn_len {self.insn_len}")
 
 
+@dataclass(frozen=True)
+class FaultRule:
+    """What memory_fault.insn_len must hold on the kernel under test (catalog 63-70; 66 U: the sentinel survives)."""
+
+    reported: bool | None = None   # P11 writes byte 56 (True), leaves it (False), cannot tell (None)
+    exact: bool = False            # the CPU reports the instruction length: Intel VMX with EPT (P10)
+    shadow: bool = False           # TDP off: the shadow #PF path passes no length (70)
+
+    def insn_lens(self, length: int | None) -> frozenset[int]:
+        """Values byte 56 may hold after an exit; `length` is the faulting instruction's own data access, if it is one."""
+        if self.reported is None:
+            return frozenset(range(16)) | {SENTINEL}
+        if not self.reported:
+            return frozenset({SENTINEL})
+        if self.shadow:
+            return frozenset({0})
+        if self.exact and length is not None:
+            return frozenset({length})
+        return frozenset(range(16))      # 67: at most 15; AMD decode-assist byte count (68), exec faults (69)
+
+    def __str__(self) -> str:
+        if self.reported is None:
+            return "P11 not detected: 0-15 or the sentinel"
+        if not self.reported:
+            return f"without P11 the sentinel {SENTINEL:#x} survives (66 U:)"
+        return ("shadow paging: 0 (70)" if self.shadow else
+                "Intel EPT: the instruction length (63)" if self.exact else "at most 15 (67/68)")
+
+
 @dataclass
 class Outcome:
     """What one guest access did: completed (with the value read), a memory-fault exit, or else."""
@@ -135,10 +164,14 @@ class Outcome:
     fault: Fault | None
     rip: int
     described: str
+    insn_length: int | None = None          # length of a data-access instruction (None for an execute)
+    rule: FaultRule = FaultRule()
+    vm: Vm | None = field(default=None, repr=False)   # to say how the page is backed, in messages only
 
     def __str__(self) -> str:
         what = "completed" if self.completed else str(self.fault) if self.fault else self.described
-        return f"guest {self.kind} of {self.gpa:#x}: {what} (RIP {self.rip:#x})"
+        memory = f", {backing(self.vm, self.gpa)}" if self.vm is not None else ""
+        return f"guest {self.kind} of {self.gpa:#x}: {what} (RIP {self.rip:#x}{memory})"
 
 
 def run_for_fault(m: guest.Machine, vcpu: Vcpu | None = None, timeout: float = 5.0) -> tuple[bool, Fault | None]:
@@ -157,8 +190,8 @@ def run_for_fault(m: guest.Machine, vcpu: Vcpu | None = None, timeout: float = 5
 class Prober:
     """A guest (payload mem.S) that does one read, write or execute per request, on any vCPU."""
 
-    def __init__(self, machine: guest.Machine):
-        self.m = machine
+    def __init__(self, machine: guest.Machine, rule: FaultRule = FaultRule()):
+        self.m, self.rule = machine, rule
 
     def access(self, kind: str, gpa: int, value: int = 0, vcpu: Vcpu | None = None) -> Outcome:
         """Point the vCPU at the access and run it once; a fault leaves RIP on the access."""
@@ -175,8 +208,9 @@ class Prober:
         _, fault = run_for_fault(self.m, vcpu)
         uc = self.m.ucall(vcpu)
         done = uc is not None and uc.cmd == guest.UCALL_SYNC and uc.args[0] == SYNC_STAGE[kind]
+        length = None if kind == EXEC else self.m.payload.length(ENTRY[kind], f"{ENTRY[kind]}_end")
         return Outcome(kind, gpa, done, uc.args[1] if done else None, fault, vcpu.get_regs().rip,
-                       self.m.describe(vcpu))
+                       self.m.describe(vcpu), length, self.rule, self.m.vm)
 
     def place_ret(self, page: int) -> int:
         """Put a `ret` in the page from the host; the execute target."""
@@ -184,33 +218,60 @@ class Prober:
         return page + EXEC_OFFSET
 
 
-def build_prober(vm: Vm, vcpus: int = 1) -> Prober:
+def build_prober(vm: Vm, vcpus: int = 1, rule: FaultRule = FaultRule()) -> Prober:
     """A machine running the mem.S payload with the standard layout."""
-    return Prober(guest.build(vm, guest.load_payload("mem"), vcpus=vcpus))
+    return Prober(guest.build(vm, guest.load_payload("mem"), vcpus=vcpus), rule)
+
+
+def check_fault(fault: Fault | None, row: int | str, what: str, flags: int, page: int,
+                insn_lens: frozenset[int], rule: FaultRule | str = "") -> Fault:
+    """Every field of a memory-fault exit against the spec (P09 flags, P16 gpa and size, P11 insn_len)."""
+    assert fault is not None, f"catalog {row}: expected a memory-fault exit (KVM_RUN -1/EFAULT, exit 39); {what}"
+    assert fault.flags == flags, (f"catalog {row}: {what}: flags {uapi.memory_fault_flag_names(fault.flags)}, "
+                                  f"expected {uapi.memory_fault_flag_names(flags)}")
+    assert fault.gpa == page and page % PAGE == 0, \
+        f"catalog {row}: {what}: gpa {fault.gpa:#x}, expected the page-aligned GPA {page:#x} (P16)"
+    assert fault.size == PAGE, f"catalog {row}/38: {what}: size {fault.size:#x}, expected {PAGE:#x} (one page, P16)"
+    assert fault.insn_len in insn_lens, (f"catalog {row}/67: {what}: insn_len {fault.insn_len:#x}, expected "
+                                         f"{_values(insn_lens)} ({rule})")
+    return fault
+
+
+def _values(values: frozenset[int]) -> str:
+    low = sorted(values)
+    return f"{low[0]}-{low[-1]}" if len(low) > 2 and low == list(range(low[0], low[-1] + 1)) else \
+        " or ".join(f"{v:#x}" for v in low)
 
 
 def expect_fault(out: Outcome, kind: str, page: int, row: int | str, flags: int | None = None) -> Fault:
-    """The access must have ended in a memory-fault exit on `page` with the flag of its kind."""
-    assert out.fault is not None, f"catalog {row}: expected a memory-fault exit (EFAULT, exit 39); {out}"
-    want = FLAG_OF[kind] if flags is None else flags
-    assert out.fault.flags == want, (f"catalog {row}: {out}: flags {uapi.memory_fault_flag_names(out.fault.flags)}, "
-                                     f"expected {uapi.memory_fault_flag_names(want)}")
-    assert out.fault.gpa == page, f"catalog {row}: {out}: gpa {out.fault.gpa:#x}, expected the page {page:#x}"
-    return out.fault
+    """The access must have ended in a memory-fault exit on `page` with the flag of its kind and every field right."""
+    own = page == out.gpa - out.gpa % PAGE          # the instruction's own data page, not a page-table page (54/55)
+    return check_fault(out.fault, row, str(out), FLAG_OF[kind] if flags is None else flags, page,
+                       out.rule.insn_lens(out.insn_length if own else None), out.rule)
 
 
 def expect_done(out: Outcome, row: int | str) -> None:
     assert out.completed, f"catalog {row}: expected the {out.kind} to complete; {out}"
 
 
+def backing(vm: Vm, gpa: int) -> str:
+    """How the host backs the guest page at `gpa`, in words: a huge page over a restricted 4 KiB page is one cause."""
+    try:
+        region = vm.region_for(gpa)
+    except KeyError:
+        return f"no memslot at {gpa:#x}"
+    return "memory THP-backed" if thp_backed(region) else "memory in 4 KiB pages (no THP)"
+
+
 def thp_backed(region: object) -> bool:
-    """Whether the region's host mapping currently holds transparent huge pages (smaps)."""
-    start = f"{region.hva:x}-"
+    """Whether the host mapping holding the region (smaps: the VMA around its start) has transparent huge pages."""
     with open(f"/proc/{os.getpid()}/smaps") as f:
         inside = False
         for line in f:
-            if "-" in line.split()[0] and ":" not in line.split()[0]:
-                inside = line.startswith(start)
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= region.hva < end
             elif inside and line.startswith("AnonHugePages:"):
                 return int(line.split()[1]) > 0
     return False
