@@ -100,6 +100,8 @@ struct kvm_create_guest_memfd { uint64_t size; uint64_t flags; uint64_t reserved
 
 struct kvm_memory_attributes { uint64_t address; uint64_t size; uint64_t attributes; uint64_t flags; };
 
+struct kvm_pre_fault_memory { uint64_t gpa; uint64_t size; uint64_t flags; uint64_t padding[5]; };
+
 struct kvm_mp_state { uint32_t mp_state; };
 
 struct kvm_enable_cap { uint32_t cap; uint32_t flags; uint64_t args[4]; uint8_t pad[64]; };
@@ -186,6 +188,7 @@ KVM_ENABLE_CAP = _iow(0xA3, "struct kvm_enable_cap")
 KVM_X86_SET_MSR_FILTER = _iow(0xC6, "struct kvm_msr_filter")
 KVM_SET_MEMORY_ATTRIBUTES = _iow(0xD2, "struct kvm_memory_attributes")
 KVM_CREATE_GUEST_MEMFD = _iowr(0xD4, "struct kvm_create_guest_memfd")
+KVM_PRE_FAULT_MEMORY = _iowr(0xD5, "struct kvm_pre_fault_memory")   # a vCPU ioctl (v6.11+)
 # ioctls on a vCPU fd
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, "struct kvm_regs")
@@ -236,6 +239,7 @@ ABI_SIZES = {
     "struct kvm_hyperv_exit": 136,
     "struct hv_send_ipi": 16,
     "struct hv_send_ipi_ex": 24,
+    "struct kvm_pre_fault_memory": 64,
 }
 
 # Literal ioctl numbers from the spec's table (section 1), to catch a wrong struct definition.

@@ -8,6 +8,8 @@ from kvmtests import uapi
 from kvmtests.machine import guest, health, memfault
 from kvmtests.machine.memfault import EXEC, PAGE, READ, WRITE, attr_names, expect_done, expect_fault
 from kvmtests.machine import host
+from kvmtests.machine.kvm import Unavailable
+from kvmtests.verdict import features
 
 NR, NW, NX = uapi.KVM_MEMORY_ATTRIBUTE_NR, uapi.KVM_MEMORY_ATTRIBUTE_NW, uapi.KVM_MEMORY_ATTRIBUTE_NX
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -415,17 +417,72 @@ def test_insn_len_byte_overwrites_sentinel(kvm, series, source):
                              f"{fault}", flags, guest.DATA_GPA, rule.insn_lens(length), rule)
 
 
-@pytest.mark.catalog(3)
-def test_capability_236(kvm, vm, series):
-    """The series' KVM_CAP_FAULT_EXIT_INSN_LEN reads 1; on >= 6.11 the number is KVM_CAP_PRE_FAULT_MEMORY
-    (tdp_enabled), so upstream only 0 or 1, the same on both fds."""
-    got = (kvm.check_extension(236), vm.check_extension(236))
+@pytest.mark.catalog(1, 3)
+def test_insn_len_capability(kvm, vm, series, cap_numbers):
+    """P11's KVM_CAP_FAULT_EXIT_INSN_LEN reads 1 on /dev/kvm and a VM fd wherever byte 56 carries the length. The
+    series numbers it 236, which v6.11 gave to KVM_CAP_PRE_FAULT_MEMORY (tdp_enabled): a port names its own."""
+    cap = features.cap_number("fault_exit_insn_len", cap_numbers, features.pre_fault_memory_implemented())
     if series.patched("fault_insn_len"):
-        if memfault.tdp() is False:
-            pytest.skip("TDP is off: on a >= 6.11 port 236 is KVM_CAP_PRE_FAULT_MEMORY (0 without TDP)")
-        assert got == (1, 1), f"catalog 3: KVM_CHECK_EXTENSION(236) on /dev/kvm, VM fd = {got}, expected (1, 1)"
+        if cap.number is None:
+            raise Unavailable(f"catalog 3: KVM_CAP_FAULT_EXIT_INSN_LEN {cap.why}")
+        got = (kvm.check_extension(cap.number), vm.check_extension(cap.number))
+        assert got == (1, 1), (f"catalog 1/3: KVM_CHECK_EXTENSION({cap.number}) on /dev/kvm, VM fd = {got}, expected "
+                               f"(1, 1): memory-fault exits carry insn_len (P11), so KVM_CAP_FAULT_EXIT_INSN_LEN "
+                               f"({cap.why}) must say so")
+    elif "fault_exit_insn_len" in cap_numbers:
+        raise Unavailable(f"catalog 3: the kernel lacks P11, so capability {cap.number} named for a port has no "
+                          "expectation")
     else:
-        assert got[0] == got[1] and got[0] in (0, 1), f"catalog 3: KVM_CHECK_EXTENSION(236) = {got}, expected 0 or 1 on both"
+        got = (kvm.check_extension(236), vm.check_extension(236))
+        want = {0, 1} if features.pre_fault_memory_implemented() else {0}   # KVM_CAP_PRE_FAULT_MEMORY: tdp_enabled
+        assert got[0] == got[1] and got[0] in want, \
+            f"catalog 3: KVM_CHECK_EXTENSION(236) on /dev/kvm, VM fd = {got}, expected {sorted(want)} on both ({cap.why})"
+
+
+class FakeSeries:
+    """A kernel whose fault_insn_len group is present or absent, for the capability row's self-test."""
+
+    def __init__(self, present: bool):
+        self.present = present
+
+    def patched(self, group: str) -> bool:
+        return self.present
+
+
+class FakeFd:
+    """/dev/kvm or a VM fd that answers KVM_CHECK_EXTENSION from a table."""
+
+    def __init__(self, caps: dict[int, int]):
+        self.caps = caps
+
+    def check_extension(self, cap: int) -> int:
+        return self.caps.get(cap, 0)
+
+
+@pytest.mark.selftest
+@pytest.mark.parametrize("caps,passes", [({240: 1, 236: 1}, True), ({236: 1}, False), ({240: 0, 236: 1}, False)])
+def test_insn_len_capability_checks_the_named_number(monkeypatch, caps, passes):
+    """A port numbering the capability 240 on a kernel with KVM_PRE_FAULT_MEMORY: advertised passes, not
+    advertised fails catalog 3 (236 reading 1 is PRE_FAULT_MEMORY and proves nothing)."""
+    monkeypatch.setattr(features, "pre_fault_memory_implemented", lambda: True)
+    fds = (FakeFd(caps), FakeFd(caps))
+    if passes:
+        test_insn_len_capability(*fds, FakeSeries(True), {"fault_exit_insn_len": 240})
+    else:
+        with pytest.raises(AssertionError, match=r"catalog 1/3: KVM_CHECK_EXTENSION\(240\) on /dev/kvm, VM fd = "
+                                                 r"\(0, 0\), expected \(1, 1\)"):
+            test_insn_len_capability(*fds, FakeSeries(True), {"fault_exit_insn_len": 240})
+
+
+@pytest.mark.selftest
+def test_insn_len_capability_unnamed_on_a_pre_fault_kernel_skips_with_the_option(monkeypatch):
+    monkeypatch.setattr(features, "pre_fault_memory_implemented", lambda: True)
+    with pytest.raises(Unavailable, match="name that number with --cap-number fault_exit_insn_len=N"):
+        test_insn_len_capability(FakeFd({236: 1}), FakeFd({236: 1}), FakeSeries(True), {})
+    monkeypatch.setattr(features, "pre_fault_memory_implemented", lambda: False)
+    with pytest.raises(AssertionError, match=r"KVM_CHECK_EXTENSION\(236\) on /dev/kvm, VM fd = \(0, 0\)"):
+        test_insn_len_capability(FakeFd({}), FakeFd({}), FakeSeries(True), {})
+    test_insn_len_capability(FakeFd({236: 1}), FakeFd({236: 1}), FakeSeries(True), {})
 
 
 class _Request:

@@ -1,6 +1,7 @@
 """Feature-group detection (spec section 2): from behaviour, never from a version or a bare number."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Detection:
     state: str
     how: str
     partial: str = ""    # present, but this part of the group's patches is missing (a partial backport)
+    deviations: tuple[str, ...] = ()   # what the probe saw that the spec contradicts: group, catalog, observed
 
     @property
     def present(self) -> bool:
@@ -77,11 +79,19 @@ def parse_required(spec: str | None) -> set[str]:
 
 # --- probes ------------------------------------------------------------------------------------
 
+def deviation(group: str, catalog: str, observed: str, expected: str) -> str:
+    """One finding line: the group whose spec the probe's observation contradicts, the catalog rows, both values."""
+    return f"{group} ({GROUPS[group].patches}) probe contradicts catalog {catalog}: {observed}; expected {expected}"
+
+
 def _attributes(kvm: Kvm) -> Detection:
     with kvm.create_vm() as vm:
         ret, err = vm.set_memory_attributes(0x700000000, 0x1000, uapi.KVM_MEMORY_ATTRIBUTE_NW)
-    how = f"KVM_SET_MEMORY_ATTRIBUTES(NW) on a default VM: {'0' if ret == 0 else uapi.errno_name(err)}"
-    return Detection("rwx_attributes", PRESENT if ret == 0 else ABSENT, how)
+    answer = "0" if ret == 0 else uapi.errno_name(err)
+    how = f"KVM_SET_MEMORY_ATTRIBUTES(NW) on a default VM: {answer}"
+    odd = () if ret == 0 or err in (errno.EINVAL, errno.ENOTTY) else (deviation(
+        "rwx_attributes", "16, 31", how, "0 (series), EINVAL or ENOTTY (upstream)"),)
+    return Detection("rwx_attributes", PRESENT if ret == 0 else ABSENT, how, deviations=odd)
 
 
 def _tracepoints(kvm: Kvm) -> Detection:
@@ -98,65 +108,139 @@ def _tracepoints(kvm: Kvm) -> Detection:
     return Detection("attr_tracepoints", PRESENT if found else ABSENT, how, partial)
 
 
+@dataclass(frozen=True)
+class FaultWay:
+    """One way to make a memory-fault exit, and what the spec says its exit carries (P09, P16)."""
+
+    vm_type: int
+    entry: str
+    attributes: int
+    what: str
+    access: int        # the access's flag with P09
+    extra: int         # flags set with or without P09 (PRIVATE for the private-page read)
+    rows: str          # catalog rows of the flags
+
+
+NW_WRITE = FaultWay(uapi.KVM_X86_DEFAULT_VM, "write_data", uapi.KVM_MEMORY_ATTRIBUTE_NW, "write to an NW page",
+                    uapi.KVM_MEMORY_EXIT_FLAG_WRITE, 0, "36, 56, 60, 62")
+PRIVATE_READ = FaultWay(uapi.KVM_X86_SW_PROTECTED_VM, "read_data", uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE,
+                        "read of a PRIVATE page without guest_memfd (SW_PROTECTED VM)",
+                        uapi.KVM_MEMORY_EXIT_FLAG_READ, uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE, "59, 62")
+
+
+@dataclass(frozen=True)
+class FaultSeen:
+    """The fault probe's exit: flags, byte 56 after a 0xA5 sentinel, how it was made, the ways that failed first."""
+
+    flags: int
+    byte56: int
+    what: str
+    fallback: str = ""
+    deviations: tuple[str, ...] = ()
+
+    def how(self, said: str) -> str:
+        return f"{self.what}: {said}" + (f" (fallback: {self.fallback})" if self.fallback else "")
+
+
+def fault_deviations(way: FaultWay, flags: int, gpa: int, size: int, byte56: int) -> tuple[str, ...]:
+    """What in the probe's exit contradicts the spec, whichever of P09/P11 the kernel carries."""
+    names = uapi.memory_fault_flag_names
+    out = []
+    if flags not in (way.access | way.extra, way.extra):
+        out.append(deviation("fault_rwx_flags", way.rows, f"{way.what}: flags {names(flags)}",
+                             f"{names(way.access | way.extra)} (P09) or {names(way.extra)} (upstream)"))
+    if gpa != guest.DATA_GPA:
+        out.append(deviation("rwx_attributes" if way is NW_WRITE else "fault_rwx_flags", "37",
+                             f"{way.what}: gpa {gpa:#x}", f"the page-aligned {guest.DATA_GPA:#x}"))
+    if size != 0x1000:
+        out.append(deviation("rwx_attributes" if way is NW_WRITE else "fault_rwx_flags", "38",
+                             f"{way.what}: size {size:#x}", "0x1000"))
+    if byte56 > 15 and byte56 != 0xA5:
+        out.append(deviation("fault_insn_len", "67", f"{way.what}: insn_len {byte56}",
+                             "at most 15 (P11), or the sentinel 0xa5 kept (upstream)"))
+    return tuple(out)
+
+
 @functools.cache
-def _fault_probe() -> tuple[int, int, str] | str:
-    """One memory-fault exit: (flags, byte 56 after a 0xA5 sentinel, how) or why none could be made."""
-    failed = []
+def _fault_probe() -> FaultSeen | str:
+    """One memory-fault exit, or why none could be made; a way that failed first is kept and, if the spec
+    says it must exit, reported as a deviation."""
+    failed: list[str] = []
+    deviations: list[str] = []
     with Kvm() as kvm:
         ways = []
         if _attributes(kvm).present:
-            ways.append((uapi.KVM_X86_DEFAULT_VM, "write_data", uapi.KVM_MEMORY_ATTRIBUTE_NW, "write to an NW page"))
+            ways.append(NW_WRITE)
         if kvm.check_extension(uapi.KVM_CAP_VM_TYPES) & (1 << uapi.KVM_X86_SW_PROTECTED_VM):
-            ways.append((uapi.KVM_X86_SW_PROTECTED_VM, "read_data", uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE,
-                         "read of a PRIVATE page without guest_memfd (SW_PROTECTED VM)"))
-        for vm_type, entry, attributes, what in ways:   # the second is tried when the first makes no exit
-            with kvm.create_vm(vm_type) as vm:          # (e.g. P15 without P16)
-                m = guest.build(vm, guest.load_payload("probe"), entry=entry)
-                vm.set_memory_attributes(guest.DATA_GPA, 0x1000, attributes)
-                got = _fault_exit(m, what)
-            if not isinstance(got, str):
-                return got
+            ways.append(PRIVATE_READ)
+        for way in ways:                                # the second is tried when the first makes no exit
+            with kvm.create_vm(way.vm_type) as vm:
+                m = guest.build(vm, guest.load_payload("probe"), entry=way.entry)
+                vm.set_memory_attributes(guest.DATA_GPA, 0x1000, way.attributes)
+                got = _fault_exit(m, way)
+            if isinstance(got, FaultSeen):
+                return FaultSeen(got.flags, got.byte56, got.what, "; ".join(failed),
+                                 tuple(deviations) + got.deviations)
             failed.append(got)
+            if way is NW_WRITE:                         # P15 accepted NW, so P16 must deny the write
+                deviations.append(deviation("rwx_attributes", "35", got, "KVM_RUN -1/EFAULT with exit 39"))
     return "; ".join(failed) or ("no memory-fault exit can be made: RWX attributes absent and no "
                                  "KVM_X86_SW_PROTECTED_VM (CONFIG_KVM_SW_PROTECTED_VM)")
 
 
-def _fault_exit(m: guest.Machine, what: str) -> tuple[int, int, str] | str:
+def _fault_exit(m: guest.Machine, way: FaultWay) -> FaultSeen | str:
     m.vcpu.set_run_bytes(56, b"\xa5")
     ex = m.vcpu.run(5.0)
     if ex.reason != uapi.KVM_EXIT_MEMORY_FAULT:
-        return f"{what} gave {m.describe()}, not a memory-fault exit"
-    return (m.vcpu.run_struct.x.memory_fault.flags, m.vcpu.run_bytes(56, 1)[0], what)
+        return f"{way.what} gave {m.describe()}, not a memory-fault exit"
+    mf = m.vcpu.run_struct.x.memory_fault
+    byte56 = m.vcpu.run_bytes(56, 1)[0]
+    return FaultSeen(mf.flags, byte56, way.what, deviations=fault_deviations(way, mf.flags, mf.gpa, mf.size, byte56))
 
 
 def _fault_flags(kvm: Kvm) -> Detection:
     probe = _fault_probe()
     if isinstance(probe, str):
         return Detection("fault_rwx_flags", UNKNOWN, probe)
-    flags, _, what = probe
-    has_access = bool(flags & 0x7)
+    has_access = bool(probe.flags & 0x7)
     return Detection("fault_rwx_flags", PRESENT if has_access else ABSENT,
-                     f"{what}: flags {uapi.memory_fault_flag_names(flags)}")
+                     probe.how(f"flags {uapi.memory_fault_flag_names(probe.flags)}"), deviations=probe.deviations)
 
 
 def _fault_insn_len(kvm: Kvm) -> Detection:
     probe = _fault_probe()
     if isinstance(probe, str):
         return Detection("fault_insn_len", UNKNOWN, probe)
-    _, byte56, what = probe
-    return Detection("fault_insn_len", ABSENT if byte56 == 0xA5 else PRESENT,
-                     f"{what}: kvm_run byte 56 sentinel 0xa5 {'kept' if byte56 == 0xA5 else f'now {byte56}'}")
+    kept = probe.byte56 == 0xA5
+    return Detection("fault_insn_len", ABSENT if kept else PRESENT,
+                     probe.how(f"kvm_run byte 56 sentinel 0xa5 {'kept' if kept else f'now {probe.byte56}'}"),
+                     deviations=probe.deviations)
 
 
-def _hv_probe(key: str, bits: hyperv.CpuidBits, control: int, rdx: int, r8: int, xmm: list | None,
-              judge: Callable[[hyperv.Outcome], bool], what: str) -> Callable[[Kvm], Detection]:
+def hcall_deviations(group: str, rows: str, what: str, out: hyperv.Outcome, control: int, params: tuple[int, int],
+                     upstream_status: int) -> tuple[str, ...]:
+    """An exit must carry the guest's control word and parameters (81, 82, 111); a call kept in the kernel must
+    answer as upstream does (80: status 2, 111: status 3)."""
+    if out.exited and (out.input, out.params) != (control, params):
+        return (deviation(group, rows, f"{what}: {out}",
+                          f"input {control:#x} params {params[0]:#x} {params[1]:#x} (the guest's RCX, RDX, R8)"),)
+    if out.completed and out.rax != upstream_status:
+        return (deviation(group, rows, f"{what}: {out}",
+                          f"an exit (series) or RAX {hvtlfs.status_name(upstream_status)} (upstream)"),)
+    return ()
+
+
+def _hv_probe(key: str, bits: hyperv.CpuidBits, control: int, rdx: int, r8: int, rows: str, upstream_status: int,
+              what: str) -> Callable[[Kvm], Detection]:
+    """Present when the hypercall exits to userspace; what else it does against the spec is a deviation."""
     def probe(kvm: Kvm) -> Detection:
         with kvm.create_vm() as vm:
             hvm = hyperv.build(vm, bits)
-            out = hyperv.hypercall(hvm, control, rdx, r8, xmm=xmm)
+            out = hyperv.hypercall(hvm, control, rdx, r8)
         if not out.exited and not out.completed:
             return Detection(key, UNKNOWN, f"{what}: {out}")
-        return Detection(key, PRESENT if judge(out) else ABSENT, f"{what}: {out}")
+        return Detection(key, PRESENT if out.exited else ABSENT, f"{what}: {out}",
+                         deviations=hcall_deviations(key, rows, what, out, control, (rdx, r8), upstream_status))
     return probe
 
 
@@ -170,7 +254,11 @@ def _hv_exits(kvm: Kvm) -> Detection:
     for code, patch in HV_EXIT_CODES:
         with kvm.create_vm() as vm:
             results.append((f"{code:#06x} ({patch})", hyperv.hypercall(hyperv.build(vm), code, 0, 0)))
-    return hv_exits_verdict(results)
+    det = hv_exits_verdict(results)
+    odd = [d for (what, out), (code, _) in zip(results, HV_EXIT_CODES)
+           for d in hcall_deviations("hv_exits", "80, 81", f"slow {what}", out, code, (0, 0),
+                                     hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)]
+    return Detection(det.group, det.state, det.how, det.partial, tuple(odd))
 
 
 def hv_exits_verdict(results: list[tuple[str, hyperv.Outcome]]) -> Detection:
@@ -208,12 +296,11 @@ def _xmm_output(kvm: Kvm) -> Detection:
         with kvm.create_vm() as vm:
             out = hyperv.hypercall(hyperv.build(vm), hvtlfs.control(code, fast=True), 0, 0, xmm=XMM_PATTERN)
         what = f"fast {code:#06x} with XMM0-5 loaded"
+        fallback = f" (fallback: fast {', '.join(seen)} stayed in the kernel)" if seen else ""
         if out.exited:
-            captured = out.xmm == XMM_PATTERN
-            return Detection("xmm_output", PRESENT if captured else ABSENT,
-                             f"{what}: {out}, hcall.xmm {'captured' if captured else 'not written'}")
+            return xmm_verdict(f"{what}: {out}", out.xmm, fallback)
         if not out.completed:
-            return Detection("xmm_output", UNKNOWN, f"{what}: {out}")
+            return Detection("xmm_output", UNKNOWN, f"{what}: {out}{fallback}")
         seen.append(f"{code:#06x}")
     how = f"no fast XMM-fast code of the series exits ({', '.join(seen)} complete in the kernel)"
     if advertised_hv_bits().get("HV_X64_HYPERCALL_XMM_OUTPUT_AVAILABLE"):
@@ -222,12 +309,37 @@ def _xmm_output(kvm: Kvm) -> Detection:
     return Detection("xmm_output", ABSENT, f"{how} and 0x40000003 EDX bit 15 (XMM output) is not advertised")
 
 
+def xmm_verdict(what: str, xmm: list[hyperv.Xmm], fallback: str = "") -> Detection:
+    """Present when hcall.xmm holds XMM0-5; some of them but not all contradicts both P01 and upstream (97)."""
+    wrong = [i for i in range(6) if tuple(xmm[i]) != XMM_PATTERN[i]]
+    if not wrong:
+        return Detection("xmm_output", PRESENT, f"{what}, hcall.xmm captured{fallback}")
+    if len(wrong) == 6:
+        return Detection("xmm_output", ABSENT, f"{what}, hcall.xmm not written{fallback}")
+    seen = ", ".join(f"xmm[{i}] {xmm[i][0]:#x}/{xmm[i][1]:#x}" for i in wrong)
+    return Detection("xmm_output", PRESENT, f"{what}, hcall.xmm captured but for {seen}{fallback}",
+                     deviations=(deviation("xmm_output", "97", f"{what}: {seen}",
+                                           "hcall.xmm[0-5] = guest XMM0-5 (P01), or none written (upstream)"),))
+
+
 def _mp_state(kvm: Kvm) -> Detection:
     with kvm.create_vm() as vm:
         hvm = hyperv.build(vm, VSM)
         ret, err = hvm.vcpu.set_mp_state(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
+        state, _ = hvm.vcpu.get_mp_state()
+    return mp_state_verdict(ret, err, state)
+
+
+def mp_state_verdict(ret: int, err: int, state: int) -> Detection:
+    """Present when state 11 is accepted; then KVM_GET_MP_STATE reads 11, else only EINVAL is upstream (125)."""
     how = f"KVM_SET_MP_STATE(11) on a VSM vCPU: {'0' if ret == 0 else uapi.errno_name(err)}"
-    return Detection("mp_inactive_vtl", PRESENT if ret == 0 else ABSENT, how)
+    odd: tuple[str, ...] = ()
+    if ret == 0 and state != uapi.KVM_MP_STATE_HV_INACTIVE_VTL:
+        how += f", then KVM_GET_MP_STATE read {state}"
+        odd = (deviation("mp_inactive_vtl", "125", how, "KVM_GET_MP_STATE reads 11"),)
+    elif ret != 0 and err != errno.EINVAL:
+        odd = (deviation("mp_inactive_vtl", "125", how, "0 (series) or EINVAL (upstream)"),)
+    return Detection("mp_inactive_vtl", PRESENT if ret == 0 else ABSENT, how, deviations=odd)
 
 
 PROBES: dict[str, Callable[[Kvm], Detection]] = {
@@ -236,11 +348,11 @@ PROBES: dict[str, Callable[[Kvm], Detection]] = {
     "fault_rwx_flags": _fault_flags,
     "fault_insn_len": _fault_insn_len,
     "hv_exits": _hv_exits,
-    "vsm_hcalls": _hv_probe("vsm_hcalls", hyperv.CpuidBits(), hvtlfs.HVCALL_VTL_CALL, 0, 0, None,
-                            lambda o: o.exited, "slow VtlCall (0x11)"),
+    "vsm_hcalls": _hv_probe("vsm_hcalls", hyperv.CpuidBits(), hvtlfs.HVCALL_VTL_CALL, 0, 0, "80, 81",
+                            hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE, "slow VtlCall (0x11)"),
     "xmm_output": _xmm_output,
     "vtl_ipi": _hv_probe("vtl_ipi", VSM, hvtlfs.control(hvtlfs.HVCALL_SEND_IPI, fast=True),
-                         0x30 | (1 << 36), 1, None, lambda o: o.exited,
+                         0x30 | (1 << 36), 1, "111", hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT,
                          "VSM vCPU, fast SendSyntheticClusterIpi with use_target_vtl"),
     "mp_inactive_vtl": _mp_state,
 }
@@ -258,6 +370,77 @@ def detect(group: str) -> Detection:
 
 def detect_all() -> dict[str, Detection]:
     return {key: detect(key) for key in GROUPS}
+
+
+# --- capability numbers a port had to move ---------------------------------------------------------------
+
+CAP_NUMBERS_ENV = "KVMTESTS_CAP_NUMBERS"
+# The series' capabilities by the name --cap-number takes: (the series' number, the group it announces).
+SERIES_CAPS = {"fault_exit_insn_len": (uapi.KVM_CAP_FAULT_EXIT_INSN_LEN, "fault_insn_len")}
+
+
+def parse_cap_numbers(spec: str | list[str] | None) -> dict[str, int]:
+    """--cap-number / KVMTESTS_CAP_NUMBERS ('name=N', comma separated or repeated): numbers a port of the series chose."""
+    words = spec if isinstance(spec, list) else [spec or ""]
+    out: dict[str, int] = {}
+    for item in (w for word in words for w in word.replace(",", " ").split()):
+        name, _, number = item.partition("=")
+        if name not in SERIES_CAPS:
+            raise ValueError(f"unknown capability {name!r} in {item!r}; known: {', '.join(SERIES_CAPS)}")
+        try:
+            out[name] = int(number, 0)
+        except ValueError:
+            raise ValueError(f"{item!r}: the capability number must be an integer, e.g. {name}=240") from None
+    return out
+
+
+def cap_option(name: str) -> str:
+    """How a user names a port's number for `name`, in words for messages."""
+    return f'--cap-number {name}=N (env {CAP_NUMBERS_ENV}="{name}=N")'
+
+
+@functools.cache
+def pre_fault_memory_implemented() -> bool:
+    """KVM_PRE_FAULT_MEMORY (v6.11, which took capability 236) reads its struct: a NULL argument gets EFAULT,
+    where a kernel without the ioctl answers ENOTTY or EINVAL (x86's default for an unknown vCPU ioctl)."""
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        _, err = uapi.ioctl(vm.create_vcpu(0).fd, uapi.KVM_PRE_FAULT_MEMORY, 0)
+    return err not in (errno.ENOTTY, errno.EINVAL)
+
+
+@dataclass(frozen=True)
+class CapNumber:
+    """The number a series capability has on the kernel under test (None: cannot be told), and why."""
+
+    number: int | None
+    why: str
+
+
+def cap_number(name: str, named: dict[str, int], pre_fault: bool) -> CapNumber:
+    """The user's number for a port, else the series' own where nothing upstream took it (236 before v6.11)."""
+    series_number = SERIES_CAPS[name][0]
+    if name in named:
+        return CapNumber(named[name], f"{named[name]}, named for this port with {cap_option(name)}")
+    if not pre_fault:
+        return CapNumber(series_number, f"{series_number}, the series' number (the kernel has no KVM_PRE_FAULT_MEMORY, "
+                                        f"which took {series_number} in v6.11)")
+    return CapNumber(None, f"cannot be checked: the kernel implements KVM_PRE_FAULT_MEMORY, so {series_number} is "
+                           f"KVM_CAP_PRE_FAULT_MEMORY, and a port of the series numbers KVM_CAP_FAULT_EXIT_INSN_LEN "
+                           f"otherwise: name that number with {cap_option(name)}")
+
+
+def findings(detections: dict[str, Detection], cap_numbers: dict[str, int]) -> list[str]:
+    """Everything the summary reports besides the table: partial backports, probes that saw a deviation, a
+    present group whose capability number cannot be checked."""
+    out = partial_backport(detections)
+    out += list(dict.fromkeys(d for det in detections.values() for d in det.deviations))
+    for name, (_, group) in SERIES_CAPS.items():
+        det = detections.get(group)
+        if det is not None and det.present and name not in cap_numbers:
+            cap = cap_number(name, cap_numbers, pre_fault_memory_implemented())
+            if cap.number is None:
+                out.append(f"{group} ({GROUPS[group].patches}) is present, but its capability {cap.why}")
+    return out
 
 
 # Which groups' behaviour each advertised KVM_GET_SUPPORTED_HV_CPUID bit announces (api.rst 10.1-10.4).

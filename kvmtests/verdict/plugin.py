@@ -38,6 +38,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--require", default=os.environ.get(REQUIRE_ENV, ""), metavar="GROUPS",
                     help=f"feature groups the kernel must carry: '{features.SERIES}' or any of "
                          f"{', '.join(features.GROUPS)} (comma separated; env {REQUIRE_ENV})")
+    group.addoption("--cap-number", action="append", default=[os.environ.get(features.CAP_NUMBERS_ENV, "")],
+                    metavar="NAME=N", help="a capability number a port of the series had to move, e.g. "
+                    f"fault_exit_insn_len=240 (repeatable; env {features.CAP_NUMBERS_ENV})")
     group.addoption("--kvmtests-json", default=None, metavar="PATH", help="write the run's results as JSON")
     group.addoption("--no-kvmtests-summary", action="store_true",
                     help="do not print the summary table (kvmtests qualify prints it on the host)")
@@ -54,7 +57,8 @@ def pytest_configure(config: pytest.Config) -> None:
                  "slow: endurance test, opt-in with -m slow"]:
         config.addinivalue_line("markers", line)
     try:
-        config.stash[_results] = {"required": features.parse_required(config.getoption("require"))}
+        config.stash[_results] = {"required": features.parse_required(config.getoption("require")),
+                                  "cap_numbers": features.parse_cap_numbers(config.getoption("cap_number"))}
     except ValueError as e:
         raise pytest.UsageError(str(e))
 
@@ -215,7 +219,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     tests = [t for t in _tests.values() if t["outcome"]]
     detections = features.detect_all()
     required = config.stash[_results]["required"]
-    doc = results.build(probe.host_identity(), detections, features.partial_backport(detections),
+    doc = results.build(probe.host_identity(), detections,
+                        features.findings(detections, config.stash[_results]["cap_numbers"]),
                        sorted(required), tests, int(exitstatus))
     if results.required_absent(doc) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -275,3 +280,9 @@ class Series:
 @pytest.fixture(scope="session")
 def series(request: pytest.FixtureRequest) -> Series:
     return Series(request.config.stash[_results]["required"])
+
+
+@pytest.fixture(scope="session")
+def cap_numbers(request: pytest.FixtureRequest) -> dict[str, int]:
+    """Capability numbers the user named for a port of the series (--cap-number)."""
+    return request.config.stash[_results]["cap_numbers"]

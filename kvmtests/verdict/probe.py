@@ -74,7 +74,7 @@ def probe_tables() -> list[tuple[str, list[list[str]], list[str]]]:
     if bits:
         tables.append(("KVM_GET_SUPPORTED_HV_CPUID (vCPU)", [[k, "set" if v else "clear"] for k, v in bits.items()],
                        ["bit", "value"]))
-    findings = features.partial_backport(detections)
-    if findings:
-        tables.append(("partial backport", [[f] for f in findings], ["finding"]))
+    found = features.findings(detections, features.parse_cap_numbers(os.environ.get(features.CAP_NUMBERS_ENV)))
+    if found:
+        tables.append(("findings", [[f] for f in found], ["finding"]))
     return tables
