@@ -400,11 +400,15 @@ def cap_option(name: str) -> str:
 
 
 @functools.cache
-def pre_fault_memory_implemented() -> bool:
+def pre_fault_memory_implemented() -> bool | None:
     """KVM_PRE_FAULT_MEMORY (v6.11, which took capability 236) reads its struct: a NULL argument gets EFAULT,
-    where a kernel without the ioctl answers ENOTTY or EINVAL (x86's default for an unknown vCPU ioctl)."""
-    with Kvm() as kvm, kvm.create_vm() as vm:
-        _, err = uapi.ioctl(vm.create_vcpu(0).fd, uapi.KVM_PRE_FAULT_MEMORY, 0)
+    where a kernel without the ioctl answers ENOTTY or EINVAL (x86's default for an unknown vCPU ioctl).
+    None without a KVM device to ask."""
+    try:
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            _, err = uapi.ioctl(vm.create_vcpu(0).fd, uapi.KVM_PRE_FAULT_MEMORY, 0)
+    except Unavailable:
+        return None
     return err not in (errno.ENOTTY, errno.EINVAL)
 
 
@@ -416,12 +420,12 @@ class CapNumber:
     why: str
 
 
-def cap_number(name: str, named: dict[str, int], pre_fault: bool) -> CapNumber:
+def cap_number(name: str, named: dict[str, int], pre_fault: bool | None) -> CapNumber:
     """The user's number for a port, else the series' own where nothing upstream took it (236 before v6.11)."""
     series_number = SERIES_CAPS[name][0]
     if name in named:
         return CapNumber(named[name], f"{named[name]}, named for this port with {cap_option(name)}")
-    if not pre_fault:
+    if pre_fault is False:
         return CapNumber(series_number, f"{series_number}, the series' number (the kernel has no KVM_PRE_FAULT_MEMORY, "
                                         f"which took {series_number} in v6.11)")
     return CapNumber(None, f"cannot be checked: the kernel implements KVM_PRE_FAULT_MEMORY, so {series_number} is "
@@ -437,9 +441,10 @@ def findings(detections: dict[str, Detection], cap_numbers: dict[str, int]) -> l
     for name, (_, group) in SERIES_CAPS.items():
         det = detections.get(group)
         if det is not None and det.present and name not in cap_numbers:
-            cap = cap_number(name, cap_numbers, pre_fault_memory_implemented())
-            if cap.number is None:
-                out.append(f"{group} ({GROUPS[group].patches}) is present, but its capability {cap.why}")
+            pre_fault = pre_fault_memory_implemented()
+            if pre_fault:
+                out.append(f"{group} ({GROUPS[group].patches}) is present, but its capability "
+                           f"{cap_number(name, cap_numbers, pre_fault).why}")
     return out
 
 
