@@ -88,20 +88,43 @@ def set_state(vcpu, state: int, n: int) -> None:
     assert (ret, err) == (0, 0), f"catalog {n}: KVM_SET_MP_STATE({state_name(state)}): {uapi.errno_name(err)}"
 
 
-def inactive_vtl(vm, series, n: int) -> hyperv.HvMachine:
-    """A VSM vCPU (IF = 0) put into state 11; the rows using it have no upstream expectation."""
+IF_ROWS = pytest.mark.parametrize("rflags_if", [0, 1], ids=["IF=0", "IF=1"])   # P05 ignores IF; both must wake
+
+
+def inactive_vtl(vm, series, n: int, rflags_if: int) -> hyperv.HvMachine:
+    """A VSM vCPU with RFLAGS.IF as given put into state 11; the rows using it have no upstream expectation."""
     series.require("mp_inactive_vtl")
     hvm = hyperv.build(vm, VSM)
+    regs = hvm.vcpu.get_regs()
+    regs.rflags = regs.rflags & ~guest.RFLAGS_IF | (guest.RFLAGS_IF if rflags_if else 0)
+    hvm.vcpu.set_regs(regs)
     set_state(hvm.vcpu, INACTIVE_VTL, n)
     return hvm
 
 
 def expect_wakeup(hvm: hyperv.HvMachine, n: int, why: str) -> None:
+    """KVM_RUN returns a WAKEUP system event; the message says RFLAGS.IF, which P05 must ignore (TLFS 12.12.2.1)."""
+    rflags_if = int(bool(hvm.vcpu.get_regs().rflags & guest.RFLAGS_IF))
     ex = hvm.vcpu.run(5.0)
     run = hvm.vcpu.run_struct
     assert (ex.ret, ex.reason, run.x.system_event.type) == (0, uapi.KVM_EXIT_SYSTEM_EVENT,
                                                             uapi.KVM_SYSTEM_EVENT_WAKEUP), \
-        f"catalog {n}: {why}: expected KVM_RUN 0 with KVM_EXIT_SYSTEM_EVENT type WAKEUP, got {hvm.machine.describe()}"
+        (f"catalog {n}: {why}, RFLAGS.IF = {rflags_if}: expected KVM_RUN 0 with KVM_EXIT_SYSTEM_EVENT type WAKEUP "
+         f"(state 11 wakes whatever IF says), got {hvm.machine.describe()}")
+
+
+def expect_pending(hvm: hyperv.HvMachine, vector: int, n: int, rflags_if: int) -> None:
+    """The wake-up only reports the event: the vector stays pending in the LAPIC (KVM_GET_LAPIC IRR)."""
+    assert hyperv.irr_pending(hvm.vcpu, vector), \
+        f"catalog {n}: RFLAGS.IF = {rflags_if}: vector {vector:#x} not pending in the IRR after the WAKEUP exit"
+
+
+def woken_by_msi(vm, series, n: int, rflags_if: int) -> hyperv.HvMachine:
+    """State 11 with an MSI pending, after its WAKEUP exit: where rows 127, 128, 133 and 134 start."""
+    hvm = inactive_vtl(vm, series, n, rflags_if)
+    send_msi(vm)
+    expect_wakeup(hvm, n, "state 11, MSI pending")
+    return hvm
 
 
 @pytest.mark.catalog(124)
@@ -126,33 +149,34 @@ def test_inactive_vtl_accepted_with_the_vsm_bit(vm, series):
 
 
 @pytest.mark.catalog(126)
-def test_pending_msi_wakes_inactive_vtl_despite_if0(vm, series):
-    """TLFS 12.12.2.1: an inactive VTL's wake-up ignores RFLAGS.IF, so an MSI already pending exits at once."""
-    hvm = inactive_vtl(vm, series, 126)
-    send_msi(vm)
-    expect_wakeup(hvm, 126, "state 11, IF = 0, MSI pending")
+@IF_ROWS
+def test_pending_msi_wakes_inactive_vtl_whatever_if_says(vm, series, rflags_if):
+    """TLFS 12.12.2.1: an inactive VTL's wake-up ignores RFLAGS.IF, so an MSI already pending exits at once (IF = 1:
+    a plain halt rule; IF = 0: P05's own)."""
+    woken_by_msi(vm, series, 126, rflags_if)
 
 
 @pytest.mark.catalog(127)
-def test_wakeup_keeps_state_registers_and_the_pending_vector(vm, series):
-    hvm = inactive_vtl(vm, series, 127)
+@IF_ROWS
+def test_wakeup_keeps_state_registers_and_the_pending_vector(vm, series, rflags_if):
+    hvm = inactive_vtl(vm, series, 127, rflags_if)
     before = hvm.vcpu.get_regs()
     send_msi(vm)
     expect_wakeup(hvm, 127, "state 11, MSI pending")
     after = hvm.vcpu.get_regs()
     got = hvm.vcpu.get_mp_state()
-    assert got == (INACTIVE_VTL, 0), f"catalog 127: after WAKEUP KVM_GET_MP_STATE read {state_name(got[0])}, expected 11"
+    assert got == (INACTIVE_VTL, 0), \
+        f"catalog 127: RFLAGS.IF = {rflags_if}: after WAKEUP KVM_GET_MP_STATE read {state_name(got[0])}, expected 11"
     assert (after.rip, after.rflags) == (before.rip, before.rflags), \
-        (f"catalog 127: RIP/RFLAGS {after.rip:#x}/{after.rflags:#x} after WAKEUP, expected unchanged "
-         f"{before.rip:#x}/{before.rflags:#x}")
-    assert hyperv.irr_pending(hvm.vcpu, MSI_VECTOR), f"catalog 127: vector {MSI_VECTOR:#x} no longer pending in the IRR"
+        (f"catalog 127: RFLAGS.IF = {rflags_if}: RIP/RFLAGS {after.rip:#x}/{after.rflags:#x} after WAKEUP, expected "
+         f"unchanged {before.rip:#x}/{before.rflags:#x}")
+    expect_pending(hvm, MSI_VECTOR, 127, rflags_if)
 
 
 @pytest.mark.catalog(128)
-def test_reentering_inactive_vtl_wakes_again(vm, series):
-    hvm = inactive_vtl(vm, series, 128)
-    send_msi(vm)
-    expect_wakeup(hvm, 128, "first KVM_RUN")
+@IF_ROWS
+def test_reentering_inactive_vtl_wakes_again(vm, series, rflags_if):
+    hvm = woken_by_msi(vm, series, 128, rflags_if)
     expect_wakeup(hvm, 128, "second KVM_RUN without changing the state")
 
 
@@ -171,8 +195,9 @@ def test_halted_with_if0_keeps_blocking_on_a_pending_msi(vm):
 
 
 @pytest.mark.catalog(130)
-def test_inactive_vtl_blocks_until_an_msi_from_another_thread(vm, series):
-    hvm = inactive_vtl(vm, series, 130)
+@IF_ROWS
+def test_inactive_vtl_blocks_until_an_msi_from_another_thread(vm, series, rflags_if):
+    hvm = inactive_vtl(vm, series, 130, rflags_if)
     sent = threading.Event()
     result: list[tuple[int, int]] = []
 
@@ -185,49 +210,54 @@ def test_inactive_vtl_blocks_until_an_msi_from_another_thread(vm, series):
     thread.start()
     try:
         expect_wakeup(hvm, 130, "state 11, MSI sent from another thread")
-        assert sent.is_set(), "catalog 130: KVM_RUN returned before the MSI was sent: state 11 did not block"
+        assert sent.is_set(), (f"catalog 130: RFLAGS.IF = {rflags_if}: KVM_RUN returned before the MSI was sent: "
+                               "state 11 did not block")
     finally:
         thread.join()
     assert result and result[0][0] > 0, f"catalog 130: KVM_SIGNAL_MSI from the sender thread: {result}"
 
 
 @pytest.mark.catalog(131)
-def test_pending_nmi_wakes_inactive_vtl(vm, series):
-    hvm = inactive_vtl(vm, series, 131)
-    assert hvm.vcpu.nmi() == (0, 0), "catalog 131: KVM_NMI failed"
+@IF_ROWS
+def test_pending_nmi_wakes_inactive_vtl(vm, series, rflags_if):
+    hvm = inactive_vtl(vm, series, 131, rflags_if)
+    assert hvm.vcpu.nmi() == (0, 0), f"catalog 131: RFLAGS.IF = {rflags_if}: KVM_NMI failed"
     expect_wakeup(hvm, 131, "state 11, NMI pending")
 
 
 @pytest.mark.catalog(132)
-def test_expiring_lapic_timer_wakes_inactive_vtl(vm, series):
-    hvm = inactive_vtl(vm, series, 132)
+@IF_ROWS
+def test_expiring_lapic_timer_wakes_inactive_vtl(vm, series, rflags_if):
+    hvm = inactive_vtl(vm, series, 132, rflags_if)
     regs = bytearray(hvm.vcpu.get_lapic())
     for reg, value in ((APIC_LVTT, TIMER_VECTOR), (APIC_TDCR, TDCR_DIVIDE_BY_1), (APIC_TMICT, TIMER_COUNT),
                        (APIC_TMCCT, TIMER_COUNT)):   # one-shot, unmasked; KVM_SET_LAPIC restarts from TMCCT
         struct.pack_into("<I", regs, reg, value)
     hvm.vcpu.set_lapic(bytes(regs))
     expect_wakeup(hvm, 132, "state 11, one-shot LAPIC timer of 50 ms")
-    assert hyperv.irr_pending(hvm.vcpu, TIMER_VECTOR), f"catalog 132: timer vector {TIMER_VECTOR:#x} not in the IRR"
+    expect_pending(hvm, TIMER_VECTOR, 132, rflags_if)
 
 
 @pytest.mark.catalog(133)
-def test_runnable_with_if1_takes_the_pending_interrupt(vm, series):
-    hvm = inactive_vtl(vm, series, 133)
-    send_msi(vm)
-    expect_wakeup(hvm, 133, "state 11, MSI pending")
+@IF_ROWS
+def test_runnable_with_if1_takes_the_pending_interrupt(vm, series, rflags_if):
+    """Whatever IF was in state 11, RUNNABLE with IF = 1 delivers the vector that woke it."""
+    hvm = woken_by_msi(vm, series, 133, rflags_if)
     set_state(hvm.vcpu, uapi.KVM_MP_STATE_RUNNABLE, 133)
     regs = hvm.vcpu.get_regs()
     regs.rip, regs.rflags = hvm.machine.sym("_start"), regs.rflags | guest.RFLAGS_IF
     hvm.vcpu.set_regs(regs)
     hvm.machine.run_until(guest.UCALL_DONE)
     assert hvm.machine.irq_count(MSI_VECTOR) == 1, \
-        f"catalog 133: the guest's handler counted vector {MSI_VECTOR:#x} {hvm.machine.irq_count(MSI_VECTOR)} times"
+        (f"catalog 133: RFLAGS.IF = {rflags_if} in state 11, then RUNNABLE with IF = 1: the guest's handler counted "
+         f"vector {MSI_VECTOR:#x} {hvm.machine.irq_count(MSI_VECTOR)} times, expected 1")
 
 
 @pytest.mark.catalog(134)
-def test_wakeup_exit_leaves_system_event_data_unwritten(vm, series):
+@IF_ROWS
+def test_wakeup_exit_leaves_system_event_data_unwritten(vm, series, rflags_if):
     """Observed v1 behaviour the patch does not promise: userspace must not read ndata/data[] on WAKEUP."""
-    hvm = inactive_vtl(vm, series, 134)
+    hvm = inactive_vtl(vm, series, 134, rflags_if)
     event = hvm.vcpu.run_struct.x.system_event
     event.ndata = SENTINEL32
     for i in range(16):
@@ -236,7 +266,8 @@ def test_wakeup_exit_leaves_system_event_data_unwritten(vm, series):
     expect_wakeup(hvm, 134, "state 11, MSI pending")
     data = [event.data[i] for i in range(16)]
     assert event.ndata == SENTINEL32 and data == [SENTINEL64] * 16, \
-        f"catalog 134: WAKEUP wrote system_event: ndata {event.ndata:#x}, data {[hex(d) for d in data]}"
+        (f"catalog 134: RFLAGS.IF = {rflags_if}: WAKEUP wrote system_event: ndata {event.ndata:#x}, "
+         f"data {[hex(d) for d in data]}")
 
 
 @pytest.mark.catalog(135)
