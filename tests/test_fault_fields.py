@@ -2,7 +2,7 @@
 import pytest
 
 from kvmtests import uapi
-from kvmtests.machine import memfault
+from kvmtests.machine import hyperv, memfault
 from kvmtests.machine.memfault import EXEC, PAGE, READ, WRITE, Fault, FaultRule, Outcome
 
 pytestmark = pytest.mark.selftest
@@ -84,3 +84,28 @@ def test_prober_outcomes_carry_the_rule(monkeypatch):
     assert (out.rule, out.insn_length) == (INTEL, 3)
     with pytest.raises(AssertionError, match="catalog 58/38: .*size 0x0, expected 0x1000"):
         memfault.expect_fault(out, WRITE, PAGE_A, 58)
+
+
+class _Request:
+    """Stands in for pytest's request: records the markers a row applies to itself."""
+
+    def __init__(self) -> None:
+        self.markers: list = []
+
+    def applymarker(self, marker: object) -> None:
+        self.markers.append(marker)
+
+
+def test_known_deviation_seen_and_gone(known_deviation):
+    """Seen: strict xfail on v1's text alone. Gone: the unexpected pass says what the kernel does now."""
+    request = _Request()
+    deviation = type(known_deviation("x"))(request, "catalog 116 (known v1 deviation): exits to userspace")
+    with pytest.raises(hyperv.KnownDeviation, match="exit KVM_EXIT_HYPERV"):
+        deviation.seen("catalog 116: exit KVM_EXIT_HYPERV/HCALL input 0xb")
+    (mark,) = request.markers
+    assert mark.kwargs["raises"] is hyperv.KnownDeviation and mark.kwargs["reason"].startswith("catalog 116 (known")
+    request.markers.clear()
+    deviation.gone("catalog 116: now stays in the kernel: no exit, RAX 0x0 (SUCCESS)")
+    (mark,) = request.markers
+    assert mark.kwargs["strict"] and mark.kwargs["reason"].startswith("catalog 116: now stays in the kernel: no exit, RAX 0x0")
+    assert "exits to userspace" not in mark.kwargs["reason"]
