@@ -57,7 +57,7 @@ def tdp() -> str:
 
 
 def qemu_accel(cmdline: str | None = None) -> str | None:
-    """The QEMU accelerator (tcg, kvm) under kvmtests qualify, else None."""
+    """The QEMU accelerator (tcg, kvm) under kvmtests qualify, or bochs for its Bochs runs, else None."""
     accel = os.environ.get("KVMTESTS_ACCEL")
     for word in ((_read("/proc/cmdline") if cmdline is None else cmdline) or "").split():
         if word.startswith("kvmtests.accel="):
@@ -65,7 +65,8 @@ def qemu_accel(cmdline: str | None = None) -> str | None:
     return accel or None
 
 
-RUNNER_WORDS = ("console=", "panic=", "kvmtests.", "BOOT_IMAGE=", "initrd=")   # what a runner boots every kernel with
+# What a runner boots every kernel with (Bochs also: a TSC at the emulated rate, no crypto self-tests).
+RUNNER_WORDS = ("console=", "panic=", "kvmtests.", "BOOT_IMAGE=", "initrd=", "tsc_early_khz=", "cryptomgr.notests=")
 
 
 def command_line(cmdline: str | None = None) -> str:
@@ -81,8 +82,10 @@ def command_line(cmdline: str | None = None) -> str:
 
 
 def environment() -> str:
-    """Bare metal, or under which hypervisor (QEMU TCG/KVM as the qualification runner says)."""
+    """Bare metal, or under which hypervisor (QEMU TCG/KVM or Bochs, as the qualification runner says)."""
     accel = qemu_accel()
+    if accel == "bochs":
+        return "Bochs (kvmtests qualify)"
     if accel:
         return f"QEMU/{accel.upper()} (kvmtests qualify)"
     cpuinfo = _read("/proc/cpuinfo") or ""

@@ -1,9 +1,16 @@
-"""What every emulator run shares: the console markers /init prints, the one-line runner error, and a
-process run whose console is logged and which is killed at the boot or overall deadline."""
+"""What every emulator run shares: the console markers /init prints, the one-line runner error, a process
+run whose console is logged and which is killed at the boot or overall deadline, and the results
+directory sent back over the console where the guest has no shared directory."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import io
+import shlex
 import subprocess
+import tarfile
 import threading
 import time
 from collections import deque
@@ -15,6 +22,10 @@ from pathlib import Path
 MARK = "@@kvmtests@@"
 SUITE_START = "suite-start"
 SUITE_END = "suite-end"
+RESULTS_BEGIN = "results-begin"
+RESULTS_END = "results-end"
+# What the guest may send back; anything else in the archive is ignored.
+RESULT_FILES = ("rc", "results.json", "junit.xml")
 
 
 class RunnerError(Exception):
@@ -46,8 +57,10 @@ def run_console(
     timeout: float,
     boot_timeout: float,
     on_line: Callable[[str], None] | None = None,
+    ends_run: str | None = None,
 ) -> RunResult:
-    """Run an emulator, copy its console (stdout) to log_path, and kill it at the boot or overall deadline."""
+    """Run an emulator, copy its console (stdout) to log_path, and kill it at the boot or overall deadline,
+    or once a console line contains ends_run (for an emulator that reboots where it should stop)."""
     start = time.monotonic()
     marks: dict[str, float] = {}
     tail: deque[str] = deque(maxlen=20)
@@ -67,6 +80,8 @@ def run_console(
                     marks.setdefault(name, time.monotonic() - start)
                 if on_line is not None:
                     on_line(line)
+                if ends_run is not None and ends_run in line:
+                    proc.kill()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -93,3 +108,58 @@ def run_console(
         marks=marks,
         tail=list(tail),
     )
+
+
+def results_to_console(results_dir: Path) -> str:
+    """Shell lines for /init: the results directory as a base64 tar.gz between two marks, with its SHA-256.
+
+    Kernel messages are silenced first so that none lands inside the encoded lines; at the end /init
+    waits until the serial port's transmit count stops moving, because a power-off drops what the tty
+    has not sent yet (the emulated UART sends at its baud rate)."""
+    q = shlex.quote(str(results_dir))
+    return f"""dmesg -n 1
+tar -C {q} -czf /tmp/results.tgz $(cd {q} && ls)
+echo "{MARK} {RESULTS_BEGIN} $(cut -d' ' -f1 /proc/uptime) $(sha256sum < /tmp/results.tgz | cut -d' ' -f1)"
+base64 /tmp/results.tgz
+echo "{MARK} {RESULTS_END} $(cut -d' ' -f1 /proc/uptime)"
+sent=; while [ "$sent" != "$(grep '^0:' /proc/tty/driver/serial)" ]; do sent=$(grep '^0:' /proc/tty/driver/serial); sleep 1; done; sleep 1"""
+
+
+class ResultCollector:
+    """Collects the encoded results from console lines (an on_line callback) and unpacks them on the host."""
+
+    def __init__(self) -> None:
+        self.digest: str | None = None
+        self.lines: list[str] = []
+        self.complete = False
+
+    def __call__(self, line: str) -> None:
+        """Take one console line: a mark opens or closes the block, lines between are the encoded archive."""
+        mark = parse_mark(line)
+        if mark == RESULTS_BEGIN:
+            words = line.split()
+            self.digest, self.lines, self.complete = (words[3] if len(words) > 3 else ""), [], False
+        elif mark == RESULTS_END:
+            self.complete = self.digest is not None
+        elif self.digest is not None and not self.complete:
+            self.lines.append(line.strip())
+
+    def unpack(self, results_dir: Path) -> str | None:
+        """Write the received result files into results_dir; return why not when the block is missing or damaged."""
+        if not self.complete:
+            return "the guest sent no results over the console" if self.digest is None else \
+                "the results sent over the console were cut off"
+        try:
+            data = base64.b64decode("".join(self.lines), validate=True)
+        except (binascii.Error, ValueError):
+            return "the results sent over the console are not valid base64 (a console message interleaved?)"
+        if hashlib.sha256(data).hexdigest() != self.digest:
+            return "the results sent over the console do not match their checksum (a console message interleaved?)"
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if member.isfile() and name in RESULT_FILES:
+                    source = tar.extractfile(member)
+                    if source is not None:
+                        (results_dir / name).write_bytes(source.read())
+        return None

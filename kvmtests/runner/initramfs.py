@@ -1,4 +1,5 @@
-"""Build the guest's initramfs (newc cpio, gzip) in Python: static busybox, the image's modules, /init."""
+"""Build the guest's initramfs (newc cpio) in Python: static busybox, the image's modules, /init, and for a
+self-contained guest (no 9p) the host files the suite runs with."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import MARK, SUITE_END, SUITE_START, RunnerError
+from .console import MARK, SUITE_END, SUITE_START, RunnerError, results_to_console
+from .rootfs import HostFile
 
 BUSYBOX = Path("/bin/busybox")
 # Module groups /init loads: "base" always, then the one matching the CPU vendor.
@@ -36,6 +38,12 @@ class GuestPlan:
     results_dir: Path
     root_tag: str
     results_tag: str
+    host_files: Sequence[HostFile] = ()  # non-empty: a self-contained guest, results come back on the console
+
+    @property
+    def self_contained(self) -> bool:
+        """True when the guest has no 9p shares: the root is the initramfs itself."""
+        return bool(self.host_files)
 
 
 def module_name(filename: str) -> str:
@@ -135,11 +143,12 @@ def resolve(roots: Iterable[str], index: Mapping[str, Path], builtin: Collection
     return order, found, missing
 
 
-def collect_modules(modules_dir: Path) -> tuple[dict[str, list[str]], dict[str, bytes], list[str]]:
-    """Resolve every module group; return load lists per group, module bytes, and absent optional modules."""
+def collect_modules(modules_dir: Path, shares: bool = True) -> tuple[dict[str, list[str]], dict[str, bytes], list[str]]:
+    """Resolve every module group (the 9p base only for a guest with shares); return load lists per group,
+    module bytes, and absent optional modules."""
     index = module_index(modules_dir)
     builtin = builtin_modules(modules_dir)
-    base_order, modules, missing = resolve(MODULE_GROUPS[REQUIRED_GROUP], index, builtin, ())
+    base_order, modules, missing = resolve(MODULE_GROUPS[REQUIRED_GROUP] if shares else (), index, builtin, ())
     if missing:
         raise RunnerError(f"{modules_dir} has no {', '.join(missing)} and the kernel does not build "
                           f"{'it' if len(missing) == 1 else 'them'} in: the guest needs virtio-pci, 9p and "
@@ -181,12 +190,7 @@ def find_busybox(path: Path | None = None) -> Path:
 
 
 def init_script(plan: GuestPlan) -> str:
-    """Write /init: load modules, stack a tmpfs overlay on the 9p host root, run the suite, power off."""
-    q = shlex.quote
-    new = "/newroot"
-    results = q(new + str(plan.results_dir))
-    env = " ".join(q(f"{k}={v}") for k, v in plan.env.items())
-    inner = f"cd {q(str(plan.project_dir))} && exec {shlex.join(plan.command)}"
+    """Write /init: load modules, mount what the suite needs, run it, bring the results back, power off."""
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -198,71 +202,120 @@ die() {{ echo "{MARK} init-failed 0 $*"; sync; poweroff -f; echo o > /proc/sysrq
 params() {{ for w in $(cat /proc/cmdline); do case "$w" in "$1".*=*) echo "${{w#"$1".}}" ;; esac; done; }}
 load() {{ for m in $(cat /modules/$1.list); do insmod /modules/$m.ko $(params $m) || echo "kvmtests: insmod $m failed"; done; }}
 mark init
-load base
+{"" if plan.self_contained else "load base"}
 case "$(grep -m1 vendor_id /proc/cpuinfo)" in
   *AuthenticAMD*|*HygonGenuine*) load amd ;;
   *GenuineIntel*) load intel ;;
 esac
-mkdir -p /lower /rw {new}
-mount -t 9p -o {NINEP_OPTS},ro,cache=loose {plan.root_tag} /lower || die "cannot mount the host root over 9p: the kernel needs virtio-pci, 9p (9pnet_virtio) and overlayfs, built in or from --modules"
-mount -t tmpfs -o mode=755 rw /rw && mkdir /rw/upper /rw/work
-mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay {new} || die "cannot mount the overlay root"
-mount -t proc proc {new}/proc
-mount -t sysfs sysfs {new}/sys
-mount -t devtmpfs devtmpfs {new}/dev
-mkdir -p {new}/dev/pts {new}/dev/shm {new}/run
-mount -t devpts devpts {new}/dev/pts
-mount -t tmpfs tmpfs {new}/dev/shm
-mount -t tmpfs tmpfs {new}/run
-mount -t tracefs tracefs {new}/sys/kernel/tracing
-mount -t debugfs debugfs {new}/sys/kernel/debug
-mkdir -p {results}
-mount -t 9p -o {NINEP_OPTS} {plan.results_tag} {results} || die "cannot mount the results directory over 9p"
-mark {SUITE_START}
-env -i {env} chroot {new} /bin/sh -c {q(inner)}
-rc=$?
-mark {SUITE_END} "rc=$rc"
-echo $rc > {results}/rc
-sync
-umount {results}
+{_local_root(plan) if plan.self_contained else _shared_root(plan)}
 poweroff -f
 echo o > /proc/sysrq-trigger
 sleep 5
 """
 
 
-def cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0) -> bytes:
+def _special_mounts(root: str) -> str:
+    """Shell lines mounting the pseudo file systems the suite uses under root."""
+    return f"""mkdir -p {root}/dev/pts {root}/dev/shm {root}/run {root}/tmp
+mount -t devpts devpts {root}/dev/pts
+mount -t tmpfs tmpfs {root}/dev/shm
+mount -t tmpfs tmpfs {root}/run
+mount -t tracefs tracefs {root}/sys/kernel/tracing
+mount -t debugfs debugfs {root}/sys/kernel/debug"""
+
+
+def _suite(plan: GuestPlan, chroot: str) -> str:
+    """Shell lines running the suite between the start and end marks, leaving its exit status in $rc."""
+    q = shlex.quote
+    env = " ".join(q(f"{k}={v}") for k, v in plan.env.items())
+    inner = f"cd {q(str(plan.project_dir))} && exec {shlex.join(plan.command)}"
+    return f"""mark {SUITE_START}
+env -i {env} {f"chroot {chroot} " if chroot else ""}/bin/sh -c {q(inner)}
+rc=$?
+mark {SUITE_END} "rc=$rc\""""
+
+
+def _shared_root(plan: GuestPlan) -> str:
+    """Stack a tmpfs overlay on the 9p host root, run the suite in it, results to the 9p results share."""
+    new = "/newroot"
+    results = shlex.quote(new + str(plan.results_dir))
+    return f"""mkdir -p /lower /rw {new}
+mount -t 9p -o {NINEP_OPTS},ro,cache=loose {plan.root_tag} /lower || die "cannot mount the host root over 9p: the kernel needs virtio-pci, 9p (9pnet_virtio) and overlayfs, built in or from --modules"
+mount -t tmpfs -o mode=755 rw /rw && mkdir /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay {new} || die "cannot mount the overlay root"
+mount -t proc proc {new}/proc
+mount -t sysfs sysfs {new}/sys
+mount -t devtmpfs devtmpfs {new}/dev
+{_special_mounts(new)}
+mkdir -p {results}
+mount -t 9p -o {NINEP_OPTS} {plan.results_tag} {results} || die "cannot mount the results directory over 9p"
+{_suite(plan, new)}
+echo $rc > {results}/rc
+sync
+umount {results}"""
+
+
+def _local_root(plan: GuestPlan) -> str:
+    """Run the suite in the initramfs itself, then send the results directory over the console."""
+    results = shlex.quote(str(plan.results_dir))
+    return f"""{_special_mounts("")}
+chmod 1777 /tmp
+mkdir -p {results}
+{_suite(plan, "")}
+echo $rc > {results}/rc
+{results_to_console(plan.results_dir)}"""
+
+
+def cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0,
+               mtime: int = 0) -> bytes:
     """One newc cpio record, padded to 4 bytes as the kernel's unpacker expects."""
     encoded = name.encode() + b"\0"
-    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+    fields = (ino, mode, 0, 0, 1, mtime, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
     header = b"070701" + b"".join(b"%08X" % f for f in fields)
     out = header + encoded
     out += b"\0" * (-len(out) % 4) + data
     return out + b"\0" * (-len(out) % 4)
 
 
-def cpio_archive(files: Mapping[str, bytes], dirs: Iterable[str], executables: set[str]) -> bytes:
-    """A newc archive with /dev/console (so /init has a console), the dirs and the files."""
-    records: list[tuple[str, int, bytes, tuple[int, int]]] = [
-        ("dev", 0o40755, b"", (0, 0)), ("dev/console", 0o20600, b"", (5, 1))]
-    records += [(d, 0o40755, b"", (0, 0)) for d in dirs]
-    records += [(n, 0o100755 if n in executables else 0o100644, d, (0, 0)) for n, d in files.items()]
+def parent_dirs(paths: Iterable[str]) -> list[str]:
+    """Every directory above the given archive paths, parents first: the kernel's unpacker does not create them."""
+    dirs = {str(parent) for p in paths for parent in Path(p).parents if str(parent) != "."}
+    return sorted(dirs, key=lambda d: (d.count("/"), d))
+
+
+def cpio_archive(files: Mapping[str, bytes], dirs: Iterable[str], executables: set[str],
+                 host_files: Sequence[HostFile] = ()) -> bytes:
+    """A newc archive with /dev/console (so /init has a console), the dirs, the files and the host files.
+
+    Host files keep their modification time: precompiled .pyc files name their source's, and a mismatch
+    makes the guest's Python recompile everything (15 s instead of 1 s of imports under Bochs)."""
+    records: list[tuple[str, int, bytes, tuple[int, int], int]] = [
+        ("dev", 0o40755, b"", (0, 0), 0), ("dev/console", 0o20600, b"", (5, 1), 0)]
+    dirs = list(dict.fromkeys([*dirs, *(d for d in parent_dirs(h.path for h in host_files) if d != "dev")]))
+    records += [(d, 0o40755, b"", (0, 0), 0) for d in dirs]
+    records += [(n, 0o100755 if n in executables else 0o100644, d, (0, 0), 0) for n, d in files.items()]
+    records += [(h.path, 0o100755 if h.executable else 0o100644, h.source.read_bytes(), (0, 0),
+                 int(h.source.stat().st_mtime)) for h in host_files]
     # Each record gets its own inode number: the kernel's unpacker links records that share one.
-    body = b"".join(cpio_entry(n, mode, data, rdev, ino) for ino, (n, mode, data, rdev) in enumerate(records, 1))
+    body = b"".join(cpio_entry(n, mode, data, rdev, ino, mtime)
+                    for ino, (n, mode, data, rdev, mtime) in enumerate(records, 1))
     return body + cpio_entry("TRAILER!!!", 0)
 
 
 def build(out: Path, busybox: Path, modules_dir: Path | None, plan: GuestPlan) -> list[str]:
     """Write the initramfs to out; return the optional modules that were not found (e.g. kvm_intel).
 
-    Without a modules directory the kernel must have its drivers built in: every load list is empty."""
+    Without a modules directory the kernel must have its drivers built in: every load list is empty. A
+    self-contained one is left uncompressed: the emulated CPU would take longer to inflate it than the
+    emulated BIOS takes to read it."""
     if modules_dir is None:
         groups, modules, absent = {group: [] for group in MODULE_GROUPS}, {}, []
     else:
-        groups, modules, absent = collect_modules(modules_dir)
+        groups, modules, absent = collect_modules(modules_dir, shares=not plan.self_contained)
     files = {"bin/busybox": find_busybox(busybox).read_bytes(), "init": init_script(plan).encode()}
     files.update({f"modules/{g}.list": "".join(m + "\n" for m in order).encode() for g, order in groups.items()})
     files.update({f"modules/{name}.ko": data for name, data in modules.items()})
     dirs = ["bin", "proc", "sys", "modules"]
-    out.write_bytes(gzip.compress(cpio_archive(files, dirs, {"bin/busybox", "init"}), compresslevel=1))
+    archive = cpio_archive(files, dirs, {"bin/busybox", "init"}, plan.host_files)
+    out.write_bytes(archive if plan.self_contained else gzip.compress(archive, compresslevel=1))
     return absent

@@ -1,4 +1,5 @@
-"""`kvmtests qualify`: boot a kernel image under QEMU, run the suite inside, bring the results back."""
+"""`kvmtests qualify`: boot a kernel image in an emulator (QEMU for AMD, Bochs for Intel), run the suite
+inside, bring the results back."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import kvmtests
+from kvmtests.machine import host
 from kvmtests.verdict import matrix
 from kvmtests.verdict.features import parse_required
 from kvmtests.verdict.report import NotResults, load, render_file
 
-from . import console, initramfs, kernels, qemu
+from . import bochs, console, initramfs, kernels, qemu, rootfs
 from .console import RunnerError
 
 PROJECT_DIR = Path(kvmtests.__file__).resolve().parent.parent
@@ -27,7 +30,12 @@ EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 124
 EXIT_NO_VERDICT = 125
 DEFAULT_VARIANT = "default"
-OUTPUTS = ("rc", "results.json", "junit.xml", "console.log")
+OUTPUTS = ("rc", "results.json", "junit.xml", "console.log", "bochs.log")
+GUEST_RESULTS = Path("/kvmtests-results")  # where a self-contained guest collects them before sending them
+# The last line the kernel prints on a panic: Bochs reboots instead of stopping, so the run ends here.
+PANIC_END = "---[ end Kernel panic"
+# --boot-timeout defaults: Bochs reads the initramfs through the emulated BIOS and boots at 100 MIPS.
+BOOT_TIMEOUT = {"QEMU": 300.0, "Bochs": 900.0}
 # test_attr_model's profile for qualify: no shrinking, so a failing kernel gets its verdict (and seed) fast
 HYPOTHESIS_PROFILE = ("KVMTESTS_HYPOTHESIS_PROFILE", "qualify")
 
@@ -108,8 +116,18 @@ def guest_env(accel: str, host_env: Mapping[str, str]) -> dict[str, str]:
 
 
 def kernel_cmdline(accel: str, extra: str = "") -> str:
-    """Console on the serial port, a panic ends QEMU, the suite can tell it runs under QEMU; then --append."""
+    """Console on the serial port, a panic ends the run, the suite can tell which emulator it runs in; then
+    --append (kvmtests.accel= names QEMU's accelerator, or bochs)."""
     return f"console=ttyS0 panic=-1 kvmtests.accel={accel} {extra}".strip()
+
+
+def qemu_cpu(cpu: str | None, accel: str) -> str:
+    """The QEMU -cpu model: a model name as given; amd (or none) is the host's under KVM, else TCG's max (AMD)."""
+    if cpu not in (None, "amd"):
+        return cpu
+    if accel == "kvm" and cpu == "amd" and host.cpu_vendor() != "AuthenticAMD":
+        raise RunnerError("--cpu amd needs an AMD host for --accel kvm: use --accel tcg (QEMU's max CPU is AMD)")
+    return "host" if accel == "kvm" else "max"
 
 
 def resolve_kernel(spec: str) -> tuple[Path, Path | None]:
@@ -125,7 +143,7 @@ def pytest_args(remainder: Sequence[str]) -> list[str]:
     return list(remainder[1:] if remainder[:1] == ["--"] else remainder)
 
 
-def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: float) -> int:
+def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: float, emulator: str = "QEMU") -> int:
     """Print phase times, the verdict or the one-line failure, and where the outputs are; return the exit code."""
     log = results / "console.log"
     rc_file = results / "rc"
@@ -134,7 +152,7 @@ def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: 
         print(render_file(summary))
     start, end = run.marks.get(console.SUITE_START), run.marks.get(console.SUITE_END)
     if start is not None:
-        print(f"qualify: boot {start:.1f} s (QEMU start until the suite started)")
+        print(f"qualify: boot {start:.1f} s ({emulator} start until the suite started)")
     if start is not None and end is not None:
         print(f"qualify: suite {end - start:.1f} s")
     if rc_file.exists():
@@ -151,10 +169,10 @@ def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: 
         failed = next(t for t in reversed(run.tail) if console.parse_mark(t) == "init-failed")
         line, code = f"the guest's /init failed: {failed.split(None, 3)[-1]}", EXIT_NO_VERDICT
     elif start is not None:
-        line, code = (f"the guest stopped before the suite finished (QEMU exit status {run.returncode})",
+        line, code = (f"the guest stopped before the suite finished ({emulator} exit status {run.returncode})",
                       EXIT_NO_VERDICT)
     else:
-        line, code = (f"kernel did not reach the test runner (QEMU exit status {run.returncode} after "
+        line, code = (f"kernel did not reach the test runner ({emulator} exit status {run.returncode} after "
                       f"{run.elapsed:.0f} s)", EXIT_NO_VERDICT)
     print(f"qualify: {line}; console log: {log}")
     print("\n".join(f"  | {t}" for t in run.tail or ["(the console printed nothing)"]))
@@ -163,42 +181,108 @@ def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: 
 
 def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir: Path | None) -> int:
     """One cell: validate the inputs, build the initramfs, boot the kernel and report; every input error is one line."""
+    under_bochs = args.cpu == "intel"
+    emulator = "Bochs" if under_bochs else "QEMU"
+    boot_timeout = min(args.boot_timeout or BOOT_TIMEOUT[emulator], args.timeout)
     try:
+        if under_bochs and args.accel != "auto":
+            raise RunnerError("--accel picks QEMU's accelerator, but --cpu intel runs under Bochs: leave --accel out")
         image, fetched_modules = resolve_kernel(kernel)
         release = kernel_release(image)
         modules = modules_dir(image, release, args.modules or fetched_modules)
         if modules is None:
-            print(f"qualify: note: no lib/modules/{release or '<release>'} beside {image}: assuming virtio-pci, "
-                  "9p, overlayfs and KVM are built in (else pass --modules DIR)", flush=True)
-        binary = qemu.find_qemu()
-        busybox = initramfs.find_busybox()
-        accel = choose_accel(args.accel)
+            needed = "KVM is" if under_bochs else "virtio-pci, 9p, overlayfs and KVM are"
+            print(f"qualify: note: no lib/modules/{release or '<release>'} beside {image}: assuming {needed} "
+                  "built in (else pass --modules DIR)", flush=True)
+        (bochs.find_tools if under_bochs else qemu.find_qemu)()
+        initramfs.find_busybox()
         results = Path(results_dir or args.results or Path("kvmtests-results") / (release or image.name)).resolve()
         results.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:
             (results / name).unlink(missing_ok=True)
-        plan = initramfs.GuestPlan(
-            project_dir=PROJECT_DIR, command=suite_command(results, pytest_args(args.pytest_args), args.require),
-            env=guest_env(accel, os.environ), results_dir=results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
+        boot = _boot_bochs if under_bochs else _boot_qemu
         with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
-            initrd = Path(tmp) / "initramfs.cpio.gz"
-            for absent in initramfs.build(initrd, busybox, modules, plan):
-                print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
-            cfg = qemu.MachineConfig(
-                kernel=image, initrd=initrd, append=kernel_cmdline(accel, append), accel=accel,
-                cpu=args.cpu or ("host" if accel == "kvm" else "max"), mem=args.mem, smp=args.smp,
-                shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, results, False)))
-            print(f"qualify: booting {image} ({release}) under QEMU {accel}, -cpu {cfg.cpu}, "
-                  f"{cfg.smp} vCPU, {cfg.mem}; {f'modules from {modules}' if modules else 'no modules'}", flush=True)
-            run = console.run_console(qemu.qemu_command(cfg, binary), results / "console.log", args.timeout,
-                                min(args.boot_timeout, args.timeout), suite_echo())
+            run = boot(args, Guest(image, release, modules, append, results, boot_timeout), Path(tmp))
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
         print(f"qualify: {exc.filename or ''}: {exc.strerror}; check the path and its permissions", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return report(results, run, min(args.boot_timeout, args.timeout), args.timeout)
+    return report(results, run, boot_timeout, args.timeout, emulator)
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One cell's kernel, command line, results directory and boot deadline, as either emulator boots it."""
+
+    image: Path
+    release: str
+    modules: Path | None
+    append: str
+    results: Path
+    boot_timeout: float
+
+
+def _initramfs(out: Path, modules: Path | None, plan: initramfs.GuestPlan) -> None:
+    """Build the initramfs, noting the vendor modules the guest will not have."""
+    for absent in initramfs.build(out, initramfs.find_busybox(), modules, plan):
+        print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
+
+
+def _boot_qemu(args: argparse.Namespace, guest: Guest, tmp: Path) -> console.RunResult:
+    """Boot under QEMU with the host's root shared over 9p (tmpfs overlay) and the results directory writable."""
+    binary = qemu.find_qemu()
+    accel = choose_accel(args.accel)
+    cpu = qemu_cpu(args.cpu, accel)
+    plan = initramfs.GuestPlan(
+        project_dir=PROJECT_DIR, command=suite_command(guest.results, pytest_args(args.pytest_args), args.require),
+        env=guest_env(accel, os.environ), results_dir=guest.results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
+    initrd = tmp / "initramfs.cpio.gz"
+    _initramfs(initrd, guest.modules, plan)
+    cfg = qemu.MachineConfig(
+        kernel=guest.image, initrd=initrd, append=kernel_cmdline(accel, guest.append), accel=accel, cpu=cpu,
+        mem=args.mem, smp=args.smp,
+        shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, guest.results, False)))
+    print(f"qualify: booting {guest.image} ({guest.release}) under QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, "
+          f"{cfg.mem}; {f'modules from {guest.modules}' if guest.modules else 'no modules'}", flush=True)
+    return console.run_console(qemu.qemu_command(cfg, binary), guest.results / "console.log", args.timeout,
+                               guest.boot_timeout, suite_echo())
+
+
+def _boot_bochs(args: argparse.Namespace, guest: Guest, tmp: Path) -> console.RunResult:
+    """Boot under Bochs (Intel VMX with EPT) from a CD image whose initramfs holds everything the suite runs
+    with; the results come back over the serial console."""
+    tools = bochs.find_tools()
+    mem = bochs.memory_mb(args.mem)
+    plan = initramfs.GuestPlan(
+        project_dir=PROJECT_DIR, command=suite_command(GUEST_RESULTS, pytest_args(args.pytest_args), args.require),
+        env=guest_env("bochs", os.environ), results_dir=GUEST_RESULTS, root_tag="", results_tag="",
+        host_files=tuple(rootfs.collect(PROJECT_DIR)))
+    initrd, iso = tmp / "initramfs.cpio", tmp / "boot.iso"
+    _initramfs(initrd, guest.modules, plan)
+    append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {guest.append}")
+    bochs.make_iso(iso, guest.image, initrd, append, tools)
+    cfg = bochs.MachineConfig(iso=iso, log=guest.results / "bochs.log", mem_mb=mem, cpus=args.smp)
+    (tmp / "bochsrc").write_text(bochs.bochsrc(cfg, tools))
+    (tmp / "debugger.rc").write_text(bochs.DEBUGGER_SCRIPT)
+    print(f"qualify: booting {guest.image} ({guest.release}) under Bochs, {cfg.model} at {cfg.ips // 1_000_000} "
+          f"MIPS, {cfg.cpus} vCPU, {cfg.mem_mb} MB, initramfs {initrd.stat().st_size >> 20} MB; "
+          f"{f'modules from {guest.modules}' if guest.modules else 'no modules'}", flush=True)
+    collector = console.ResultCollector()
+    echo = suite_echo()
+
+    def on_line(line: str) -> None:
+        echo(line)
+        collector(line)
+
+    run = console.run_console(bochs.bochs_command(tmp / "bochsrc", tmp / "debugger.rc", tools.bochs),
+                              guest.results / "console.log", args.timeout, guest.boot_timeout, on_line,
+                              ends_run=PANIC_END)
+    problem = collector.unpack(guest.results)
+    if problem and console.SUITE_END in run.marks:
+        print(f"qualify: {problem}")
+    return run
 
 
 def cells(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -277,9 +361,10 @@ def suite_echo() -> Callable[[str], None]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `qualify` to the kvmtests command line."""
     p = subparsers.add_parser(
-        "qualify", help="boot a kernel image under QEMU and run the suite inside it",
+        "qualify", help="boot a kernel image under QEMU (AMD) or Bochs (Intel) and run the suite inside it",
         description="Boot IMAGE under QEMU with the host's root file system shared read-only (tmpfs overlay), "
-                    "load kvm_amd/kvm_intel inside, run the suite and bring results back. Exit code: the "
+                    "or with --cpu intel under Bochs from a self-contained initramfs, load kvm_amd/kvm_intel "
+                    "inside, run the suite and bring results back. Exit code: the "
                     f"suite's; {EXIT_BAD_INPUT} bad input; {EXIT_TIMEOUT} timeout; {EXIT_NO_VERDICT} the guest "
                     "ended without a verdict. Several --kernel or --variant: one cell each in turn, each with "
                     "its results directory, then the matrix of them all; exit code: the first failing cell's.")
@@ -290,9 +375,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the kernel's lib/modules/<release> (default: found beside the image)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="auto: KVM when the host offers nested VMX/SVM, else TCG")
-    p.add_argument("--cpu", metavar="MODEL", help="QEMU CPU model (default: host with KVM, max with TCG)")
+    p.add_argument("--cpu", metavar="VENDOR|MODEL",
+                   help="intel: Bochs with VMX and EPT; amd (default): QEMU (host with KVM, max with TCG); any "
+                        "other name is a QEMU CPU model")
     p.add_argument("--append", default="", metavar="ARGS",
-                   help="more kernel command line, e.g. 'kvm.tdp_mmu=N' or 'kvm_amd.npt=0' (module parameters "
+                   help="more kernel command line, e.g. 'kvm.tdp_mmu=N', 'kvm_amd.npt=0' or 'kvm_intel.ept=0' (module parameters "
                         "reach KVM built in or loaded as a module alike)")
     p.add_argument("--variant", action="append", metavar="ARGS",
                    help="a kernel command-line variant, one matrix cell per kernel: e.g. 'kvm.tdp_mmu=N'; "
@@ -301,8 +388,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1: TCG guests oopsed with 2)")
     p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
                    help="hard limit for the whole run (default 3600)")
-    p.add_argument("--boot-timeout", type=float, default=300, metavar="SECONDS",
-                   help="limit until the suite starts (default 300)")
+    p.add_argument("--boot-timeout", type=float, metavar="SECONDS",
+                   help=f"limit until the suite starts (default {BOOT_TIMEOUT['QEMU']:g}, "
+                        f"{BOOT_TIMEOUT['Bochs']:g} under Bochs)")
     p.add_argument("--results", metavar="DIR",
                    help="where rc, junit.xml, results.json and console.log go (default kvmtests-results/<release>); "
                         "with several cells, the directory of one numbered directory per cell (default kvmtests-results)")
