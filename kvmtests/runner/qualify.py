@@ -179,6 +179,18 @@ def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: 
     return code
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One cell's kernel, command line, results directory and boot deadline, as either emulator boots it."""
+
+    image: Path
+    release: str
+    modules: Path | None
+    append: str
+    results: Path
+    boot_timeout: float
+
+
 def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir: Path | None) -> int:
     """One cell: validate the inputs, build the initramfs, boot the kernel and report; every input error is one line."""
     under_bochs = args.cpu == "intel"
@@ -202,7 +214,7 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
             (results / name).unlink(missing_ok=True)
         boot = _boot_bochs if under_bochs else _boot_qemu
         with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
-            run = boot(args, Guest(image, release, modules, append, results, boot_timeout), Path(tmp))
+            run = boot(args, Cell(image, release, modules, append, results, boot_timeout), Path(tmp))
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -212,45 +224,33 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
     return report(results, run, boot_timeout, args.timeout, emulator)
 
 
-@dataclass(frozen=True)
-class Guest:
-    """One cell's kernel, command line, results directory and boot deadline, as either emulator boots it."""
-
-    image: Path
-    release: str
-    modules: Path | None
-    append: str
-    results: Path
-    boot_timeout: float
-
-
 def _initramfs(out: Path, modules: Path | None, plan: initramfs.GuestPlan) -> None:
     """Build the initramfs, noting the vendor modules the guest will not have."""
     for absent in initramfs.build(out, initramfs.find_busybox(), modules, plan):
         print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
 
 
-def _boot_qemu(args: argparse.Namespace, guest: Guest, tmp: Path) -> console.RunResult:
+def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path) -> console.RunResult:
     """Boot under QEMU with the host's root shared over 9p (tmpfs overlay) and the results directory writable."""
     binary = qemu.find_qemu()
     accel = choose_accel(args.accel)
     cpu = qemu_cpu(args.cpu, accel)
     plan = initramfs.GuestPlan(
-        project_dir=PROJECT_DIR, command=suite_command(guest.results, pytest_args(args.pytest_args), args.require),
-        env=guest_env(accel, os.environ), results_dir=guest.results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
+        project_dir=PROJECT_DIR, command=suite_command(cell.results, pytest_args(args.pytest_args), args.require),
+        env=guest_env(accel, os.environ), results_dir=cell.results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
     initrd = tmp / "initramfs.cpio.gz"
-    _initramfs(initrd, guest.modules, plan)
+    _initramfs(initrd, cell.modules, plan)
     cfg = qemu.MachineConfig(
-        kernel=guest.image, initrd=initrd, append=kernel_cmdline(accel, guest.append), accel=accel, cpu=cpu,
+        kernel=cell.image, initrd=initrd, append=kernel_cmdline(accel, cell.append), accel=accel, cpu=cpu,
         mem=args.mem, smp=args.smp,
-        shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, guest.results, False)))
-    print(f"qualify: booting {guest.image} ({guest.release}) under QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, "
-          f"{cfg.mem}; {f'modules from {guest.modules}' if guest.modules else 'no modules'}", flush=True)
-    return console.run_console(qemu.qemu_command(cfg, binary), guest.results / "console.log", args.timeout,
-                               guest.boot_timeout, suite_echo())
+        shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, cell.results, False)))
+    print(f"qualify: booting {cell.image} ({cell.release}) under QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, "
+          f"{cfg.mem}; {f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
+    return console.run_console(qemu.qemu_command(cfg, binary), cell.results / "console.log", args.timeout,
+                               cell.boot_timeout, suite_echo())
 
 
-def _boot_bochs(args: argparse.Namespace, guest: Guest, tmp: Path) -> console.RunResult:
+def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path) -> console.RunResult:
     """Boot under Bochs (Intel VMX with EPT) from a CD image whose initramfs holds everything the suite runs
     with; the results come back over the serial console."""
     tools = bochs.find_tools()
@@ -260,15 +260,15 @@ def _boot_bochs(args: argparse.Namespace, guest: Guest, tmp: Path) -> console.Ru
         env=guest_env("bochs", os.environ), results_dir=GUEST_RESULTS, root_tag="", results_tag="",
         host_files=tuple(rootfs.collect(PROJECT_DIR)))
     initrd, iso = tmp / "initramfs.cpio", tmp / "boot.iso"
-    _initramfs(initrd, guest.modules, plan)
-    append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {guest.append}")
-    bochs.make_iso(iso, guest.image, initrd, append, tools)
-    cfg = bochs.MachineConfig(iso=iso, log=guest.results / "bochs.log", mem_mb=mem, cpus=args.smp)
+    _initramfs(initrd, cell.modules, plan)
+    append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {cell.append}")
+    bochs.make_iso(iso, cell.image, initrd, append, tools)
+    cfg = bochs.MachineConfig(iso=iso, log=cell.results / "bochs.log", mem_mb=mem, cpus=args.smp)
     (tmp / "bochsrc").write_text(bochs.bochsrc(cfg, tools))
     (tmp / "debugger.rc").write_text(bochs.DEBUGGER_SCRIPT)
-    print(f"qualify: booting {guest.image} ({guest.release}) under Bochs, {cfg.model} at {cfg.ips // 1_000_000} "
+    print(f"qualify: booting {cell.image} ({cell.release}) under Bochs, {cfg.model} at {cfg.ips // 1_000_000} "
           f"MIPS, {cfg.cpus} vCPU, {cfg.mem_mb} MB, initramfs {initrd.stat().st_size >> 20} MB; "
-          f"{f'modules from {guest.modules}' if guest.modules else 'no modules'}", flush=True)
+          f"{f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
     collector = console.ResultCollector()
     echo = suite_echo()
 
@@ -277,9 +277,9 @@ def _boot_bochs(args: argparse.Namespace, guest: Guest, tmp: Path) -> console.Ru
         collector(line)
 
     run = console.run_console(bochs.bochs_command(tmp / "bochsrc", tmp / "debugger.rc", tools.bochs),
-                              guest.results / "console.log", args.timeout, guest.boot_timeout, on_line,
+                              cell.results / "console.log", args.timeout, cell.boot_timeout, on_line,
                               ends_run=PANIC_END)
-    problem = collector.unpack(guest.results)
+    problem = collector.unpack(cell.results)
     if problem and console.SUITE_END in run.marks:
         print(f"qualify: {problem}")
     return run
