@@ -211,3 +211,38 @@ def test_run_console_stops_at_the_panic_line(tmp_path: Path) -> None:
     run = console.run_console([sys.executable, "-c", script], tmp_path / "log", 60, 60, ends_run=qualify.PANIC_END)
     assert run.timed_out is None and run.elapsed < 20
     assert run.tail[-1].startswith("---[ end Kernel panic")
+
+
+def test_cli_runs_fake_bochs_and_unpacks_results(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole --cpu intel flow with a stand-in Bochs that plays the guest: the results come back on the console."""
+    make_modules(tmp_path)
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(elf())
+    results = tmp_path / "out"
+    digest, body = encoded({"rc": b"0\n", "junit.xml": b"<testsuites/>"})
+    fake = tmp_path / "bochs-bin"
+    fake.write_text(f"""#!{sys.executable}
+import sys, pathlib
+rc = pathlib.Path(sys.argv[sys.argv.index("-f") + 1]).read_text()
+assert "boot: cdrom" in rc and pathlib.Path(sys.argv[sys.argv.index("-rc") + 1]).read_text().startswith("continue")
+print("ISOLINUX 6.04")
+print("@@kvmtests@@ suite-start 1.0")
+print("1 passed")
+print("@@kvmtests@@ suite-end 2.0 rc=0")
+print("@@kvmtests@@ results-begin 2.1 {digest}")
+print({chr(10).join(body)!r})
+print("@@kvmtests@@ results-end 2.2")
+sys.exit(1)
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(bochs, "find_tools", lambda: bochs.BochsTools(str(fake), "xorriso", tools(tmp_path).files))
+    monkeypatch.setattr(bochs, "make_iso", lambda out, *rest: out.write_bytes(b"iso"))
+    monkeypatch.setattr(rootfs, "collect", lambda project: [])
+    monkeypatch.setattr(initramfs, "BUSYBOX", busybox)
+    assert run_cli(["--kernel", str(make_image(tmp_path)), "--cpu", "intel", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "1 passed" in out and "under Bochs, corei7_haswell_4770 at 100 MIPS, 1 vCPU, 2048 MB" in out
+    assert "(Bochs start until the suite started)" in out
+    assert (results / "rc").read_text() == "0\n" and (results / "junit.xml").read_text() == "<testsuites/>"
+    assert "results-begin" in (results / "console.log").read_text()
