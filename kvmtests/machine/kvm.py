@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from kvmtests import uapi
-from kvmtests.uapi import ffi, ioctl
+from kvmtests.uapi import _libc, ffi, ioctl
 
 from .watchdog import watcher
 
@@ -274,7 +274,7 @@ def _enable_cap(cap: int, args: Iterable[int]) -> object:
     return ec
 
 
-@dataclass
+@dataclass(slots=True)
 class Exit:
     """What one KVM_RUN returned, decoded enough to name it in a message."""
 
@@ -290,6 +290,7 @@ class Exit:
         return uapi.exit_name(self.reason)
 
 
+_KVM_RUN, _NO_ARG = uapi.KVM_RUN, ffi.cast("unsigned long", 0)
 _PTR_TYPES = {name: ffi.typeof(name + " *") for name in (
     "struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xsave", "struct kvm_lapic_state",
     "struct kvm_vcpu_events")}
@@ -327,11 +328,13 @@ class Vcpu:
         """One KVM_RUN bounded by the watchdog; a timeout shows as Exit.timed_out."""
         run = self.run_struct
         token = watcher.arm(run, timeout)
-        ret, err = ioctl(self.fd, uapi.KVM_RUN)
-        fired = watcher.disarm(token)
-        if fired:
+        ret = _libc.ioctl(self.fd, _KVM_RUN, _NO_ARG)   # uapi.ioctl inlined: this is the hot path
+        err = ffi.errno if ret < 0 else 0
+        if watcher.disarm(token):
             run.immediate_exit = 0
-        self.last_exit = Exit(ret, err, run.exit_reason, fired and err == errno.EINTR)
+            self.last_exit = Exit(ret, err, run.exit_reason, err == errno.EINTR)
+        else:
+            self.last_exit = Exit(ret, err, run.exit_reason)
         return self.last_exit
 
     def _get(self, request: int, ctype: str, what: str) -> object:
