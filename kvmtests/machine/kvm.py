@@ -39,6 +39,7 @@ class Kvm:
 
     def __init__(self, path: str | None = None):
         self.path = path or dev_kvm_path()
+        self._mmap_size: int | None = None
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -77,7 +78,10 @@ class Kvm:
         return Vm(self, fd, vm_type)
 
     def vcpu_mmap_size(self) -> int:
-        return _check("KVM_GET_VCPU_MMAP_SIZE", ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE))
+        """KVM_GET_VCPU_MMAP_SIZE, asked once: it is fixed for the module's lifetime, and every vCPU needs it."""
+        if self._mmap_size is None:
+            self._mmap_size = _check("KVM_GET_VCPU_MMAP_SIZE", ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE))
+        return self._mmap_size
 
     def supported_cpuid(self) -> list[dict]:
         return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")[0]
@@ -291,6 +295,7 @@ class Exit:
 
 
 _KVM_RUN, _NO_ARG = uapi.KVM_RUN, ffi.cast("unsigned long", 0)
+_KVM_GET_REGS, _KVM_SET_REGS, _REGS = uapi.KVM_GET_REGS, uapi.KVM_SET_REGS, ffi.typeof("struct kvm_regs *")
 _PTR_TYPES = {name: ffi.typeof(name + " *") for name in (
     "struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xsave", "struct kvm_lapic_state",
     "struct kvm_vcpu_events")}
@@ -343,10 +348,14 @@ class Vcpu:
         return obj
 
     def get_regs(self) -> object:
-        return self._get(uapi.KVM_GET_REGS, "struct kvm_regs", "KVM_GET_REGS")
+        regs = ffi.new(_REGS)   # _get inlined: register access is on every exit path
+        if _libc.ioctl(self.fd, _KVM_GET_REGS, regs) < 0:
+            _check("KVM_GET_REGS", (-1, ffi.errno))
+        return regs
 
     def set_regs(self, regs: object) -> None:
-        _check("KVM_SET_REGS", ioctl(self.fd, uapi.KVM_SET_REGS, regs))
+        if _libc.ioctl(self.fd, _KVM_SET_REGS, regs) < 0:
+            _check("KVM_SET_REGS", (-1, ffi.errno))
 
     def get_sregs(self) -> object:
         return self._get(uapi.KVM_GET_SREGS, "struct kvm_sregs", "KVM_GET_SREGS")
