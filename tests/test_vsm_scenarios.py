@@ -83,6 +83,8 @@ def test_protection_intercept_and_write_retired_exactly_once(kvm, series):
         assert retired == 1, f"catalog 46: the write retired {retired} times, expected exactly once"
         intercepts = v.mem.read_u64(vsm.VTL1_INTERCEPTS)
         assert intercepts == 1, f"VTL1 handled {intercepts} intercept messages, expected one"
+        told = (v.mem.read_u64(vsm.MSG_GPA), v.mem.read_u64(vsm.MSG_ACCESS))
+        assert told == (page, vsm.ACCESS_WRITE), f"VTL1 was told of access {told[1]} to {told[0]:#x}, expected a write"
         status = v.mem.read_u64(vsm.VTL1_STATUS)
         assert status == REP1_SUCCESS, \
             f"catalog 84: VTL1's HvModifyVtlProtectionMask returned RAX {status:#x}, expected the result {REP1_SUCCESS:#x}"
@@ -111,6 +113,8 @@ def test_interrupt_for_vtl1_preempts_running_vtl0(kvm, series):
             f"catalog 127: VTL1's MP state after WAKEUP is {wake.mp_state}, expected 11"
         taken = v.m1.irq_count(WAKE_VECTOR)
         assert taken == 1, f"catalog 133: VTL1 took vector {WAKE_VECTOR:#x} {taken} times, expected once"
+        entries = v.mem.read_u64(vsm.VTL1_INTERRUPTS)
+        assert entries == 1, f"VTL1 was entered {entries} times for an interrupt, expected once"
         assert (v.log.vtl_calls, v.log.vtl_returns) == (0, 1), \
             f"{v.log.vtl_calls} VTL calls and {v.log.vtl_returns} returns, expected only VTL1's return"
 
