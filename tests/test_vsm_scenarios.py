@@ -51,17 +51,18 @@ def test_vtl_call_and_return_round_trips_without_drift(kvm, series):
     left in its control page (85: KVM writes no status), ROUND_TRIPS times; VTL0 checks every round trip."""
     with harness(kvm, series, "vsm_hcalls") as v:
         v.enter("vtl0_calls", rbx=ROUND_TRIPS)
-        done = expect_sync(v.run(), 1, GUEST_ASSERTS)
+        done = expect_sync(v.run(ROUND_TRIPS + 3), 1, GUEST_ASSERTS)
         assert done == ROUND_TRIPS, f"VTL0 finished after {done} VTL calls, expected {ROUND_TRIPS}"
         assert (v.log.vtl_calls, v.log.vtl_returns) == (ROUND_TRIPS, ROUND_TRIPS), \
             f"catalog 80: {v.log.vtl_calls} VtlCall and {v.log.vtl_returns} VtlReturn exits, expected {ROUND_TRIPS} each"
         entries = v.mem.read_u64(vsm.VTL1_ENTRIES)
         assert entries == ROUND_TRIPS, f"VTL1 counted {entries} entries, expected {ROUND_TRIPS}"
-        regs1 = v.vtl1.get_regs()
+        with v.vtl1_held() as vtl1:
+            regs1, state = vtl1.get_regs(), vtl1.get_mp_state()
         assert (regs1.rip, regs1.rsp) == (v.m1.sym("vtl1_return_insn") + 3, vsm.VTL1_STACK), \
             (f"catalog 81/85: VTL1 RIP {regs1.rip:#x} RSP {regs1.rsp:#x} after its last return, expected "
              f"{v.m1.sym('vtl1_return_insn') + 3:#x} (after the VMCALL) and its stack top {vsm.VTL1_STACK:#x}")
-        assert v.vtl1.get_mp_state() == (uapi.KVM_MP_STATE_HV_INACTIVE_VTL, 0), "catalog 125: VTL1 left state 11"
+        assert state == (uapi.KVM_MP_STATE_HV_INACTIVE_VTL, 0), f"catalog 125: VTL1 reads MP state {state}, not 11"
         assert not v.log.wakes, f"catalog 126: VTL1 woke on its own: {v.log.wakes}"
 
 
@@ -73,7 +74,7 @@ def test_protection_intercept_and_write_retired_exactly_once(kvm, series):
     with harness(kvm, series, "vsm_hcalls", "rwx_attributes", "fault_rwx_flags") as v:
         page = vsm.PROTECTED_PAGE
         v.enter("vtl0_protect", rbx=page)
-        value = expect_sync(v.run(), 2, "after the protected write")
+        value = expect_sync(v.run(5), 2, "after the protected write")   # call, fault, write: 3 KVM_RUNs
         assert value == WRITTEN, f"catalog 46: VTL0 read {value:#x} back from the page, expected its write {WRITTEN:#x}"
         nw = uapi.KVM_MEMORY_ATTRIBUTE_NW
         assert v.log.protections == [(page, nw), (page, 0)], \
@@ -113,7 +114,7 @@ def test_interrupt_for_vtl1_preempts_running_vtl0(kvm, series):
         sender = threading.Timer(0.2, lambda: sent.append(v.signal_vtl1(WAKE_VECTOR)))
         sender.start()
         try:
-            mark = expect_sync(v.run(), 3, "after the preemption")
+            mark = expect_sync(v.run(4), 3, "after the preemption")   # preempted, switched, resumed
         finally:
             sender.cancel()
             sender.join()
@@ -137,7 +138,7 @@ def test_vp_registers_with_xmm_output_through_the_exits(kvm, series):
     a rep count) and moves it (fast HvSetVpRegisters): VTL0 resumes at the new RIP, not after its VMCALL."""
     with harness(kvm, series, "vsm_hcalls", "hv_exits", "xmm_output") as v:
         v.enter("vtl0_regs")
-        expect_sync(v.run(), 5, "VTL0 was not moved to vtl0_redirected by HvSetVpRegisters (SYNC 4 means it was not)")
+        expect_sync(v.run(3), 5, "VTL0 was not moved to vtl0_redirected by HvSetVpRegisters (SYNC 4 means it was not)")
         got = v.mem.read_u64(vsm.VTL1_GOT_RIP)
         assert got == v.m0.sym("vtl0_regs_after"), \
             (f"catalog 101/108: VTL1 read VTL0's RIP as {got:#x} from XMM1, expected {v.m0.sym('vtl0_regs_after'):#x} "
@@ -161,7 +162,7 @@ def test_start_virtual_processor_for_a_second_vp(kvm, series):
     with harness(kvm, series, "vsm_hcalls", "hv_exits", vps=2) as v:
         ap = v.m0.vcpus[1]
         v.enter("vtl0_start_vp")
-        status = expect_sync(v.run(), 6, "after StartVirtualProcessor")
+        status = expect_sync(v.run(3), 6, "after StartVirtualProcessor")   # the exit, then the spin
         assert status == hvtlfs.HV_STATUS_SUCCESS, f"catalog 84: VP 0 got RAX {hvtlfs.status_name(status)}, expected 0"
         assert set(v.log.started) == {1}, f"started VPs {sorted(v.log.started)}, expected VP 1"
         first = v.log.started[1].result(timeout=vsm.STEP * 2)

@@ -209,7 +209,8 @@ def measure_switch(kvm: Kvm, binary: Path, op: str, n: int, image: Path) -> tupl
     entry, steps = SWITCH_ENTRY[op]
     with vsm.build(kvm) as v:
         v.enter(entry, rbx=vsm.PROTECTED_PAGE)
-        write_image(v.m0, image, (v.vtl0, v.vtl1))
+        with v.vtl1_held() as vtl1:
+            write_image(v.m0, image, (v.vtl0, vtl1))
         ours = median_p99(_one_by_one(lambda: [_vsm_step(v) for _ in range(steps)], n))
     return _c(binary, op, n, image), list(ours)
 

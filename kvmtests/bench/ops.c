@@ -135,6 +135,18 @@ static void complete_now(struct vcpu *v)
 	v->run->immediate_exit = 0;
 }
 
+/* VtlCall/VtlReturn return no status: a status left in hcall.result must not reach RAX (vsm.py, catalog 85). */
+static void complete_vtl_switch(struct vcpu *v)
+{
+	struct kvm_regs before, after;
+	if (ioctl(v->fd, KVM_GET_REGS, &before) < 0)
+		die("KVM_GET_REGS");
+	v->run->hyperv.u.hcall.result = 5;
+	complete_now(v);
+	if (ioctl(v->fd, KVM_GET_REGS, &after) < 0 || after.rax != before.rax)
+		die("completing a VTL switch wrote RAX");
+}
+
 static void copy_shared(struct kvm_regs *to, const struct kvm_regs *from)
 {
 	to->rax = from->rax; to->rbx = from->rbx; to->rcx = from->rcx; to->rdx = from->rdx;
@@ -201,7 +213,7 @@ static void *vtl1_thread(void *arg)
 			v->run->hyperv.u.hcall.result = modify_protection(v->run->hyperv.u.hcall.params[0],
 									  (input >> 32) & 0xfff);
 		}
-		complete_now(v);
+		complete_vtl_switch(v);
 		if (ioctl(v->fd, KVM_GET_REGS, &vsm_shared) < 0)
 			die("KVM_GET_REGS");
 		set_mp(v, MP_STATE_HV_INACTIVE_VTL);
@@ -242,7 +254,7 @@ static void vtl0_step(void)
 	int r = ioctl(v->fd, KVM_RUN, 0);
 	if (r == 0 && run->exit_reason == KVM_EXIT_HYPERV && run->hyperv.type == KVM_EXIT_HYPERV_HCALL &&
 	    (run->hyperv.u.hcall.input & 0xffff) == 0x11) {
-		complete_now(v);
+		complete_vtl_switch(v);
 		switch_to_vtl1(1);
 	} else if (r < 0 && errno == EFAULT && run->exit_reason == KVM_EXIT_MEMORY_FAULT) {
 		uint64_t flags, gpa, msg[3];

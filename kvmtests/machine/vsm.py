@@ -140,6 +140,17 @@ def complete_now(vcpu: Vcpu, what: str) -> None:
         raise HarnessError(f"completing {what} with immediate_exit: {describe(vcpu)}")
 
 
+def complete_vtl_switch(vcpu: Vcpu, hcall: object, what: str) -> None:
+    """Complete HvCallVtlCall/HvCallVtlReturn, which return no status (TLFS): the harness leaves one in
+    hcall.result all the same, and KVM must not write it to RAX (catalog 85)."""
+    rax = vcpu.get_regs().rax
+    hcall.result = hvtlfs.HV_STATUS_INVALID_PARAMETER
+    complete_now(vcpu, what)
+    after = vcpu.get_regs().rax
+    if after != rax:
+        raise HarnessError(f"catalog 85: completing {what} changed RAX from {rax:#x} to {after:#x}")
+
+
 class Vsm:
     """VP 0 in VTL0 and VTL1 (and more VPs in VTL0), one VM per VTL over one memory; VTL0 runs on the caller's
     thread, every other vCPU on its own, VTL1 waiting in KVM_MP_STATE_HV_INACTIVE_VTL while VTL0 runs."""
@@ -249,6 +260,16 @@ class Vsm:
             raise HarnessError(f"catalog 126/130: VTL1 in state 11 stopped without WAKEUP: {describe(self.vtl1)}")
         return wake
 
+    @contextmanager
+    def vtl1_held(self) -> Iterator[Vcpu]:
+        """VTL1's vCPU out of its wait for a look at its state (any other ioctl on it would wait for that KVM_RUN
+        to end, as KVM holds the vCPU's mutex through KVM_RUN), then back in it."""
+        self._end_wait()
+        try:
+            yield self.vtl1
+        finally:
+            self.waiting = self.t1.submit(self._wait)
+
     # --- VTL switches -------------------------------------------------------------------------------
     def switch_to_vtl1(self, reason: int) -> None:
         """TLFS VTL entry: park VTL0 (state 11), carry the shared registers into VTL1, run VTL1 on its thread until
@@ -285,7 +306,7 @@ class Vsm:
                 raise HarnessError(f"VTL1: {self.m1.describe(vcpu)}")
             if hcall.input & 0xFFFF == hvtlfs.HVCALL_VTL_RETURN:
                 self.log.vtl_returns += 1
-                complete_now(vcpu, "HvCallVtlReturn")
+                complete_vtl_switch(vcpu, hcall, "HvCallVtlReturn")
                 regs = vcpu.get_regs()
                 _ok(vcpu.set_mp_state(INACTIVE), "catalog 125: VTL1 back to KVM_MP_STATE_HV_INACTIVE_VTL")
                 return {r: getattr(regs, r) for r in SHARED_GPRS}
@@ -313,7 +334,7 @@ class Vsm:
         if hcall is not None:
             if hcall.input & 0xFFFF == hvtlfs.HVCALL_VTL_CALL:
                 self.log.vtl_calls += 1
-                complete_now(vcpu, "HvCallVtlCall")
+                complete_vtl_switch(vcpu, hcall, "HvCallVtlCall")
                 self.switch_to_vtl1(ENTRY_VTL_CALL)
             else:
                 hcall.result = self.serve(0, vcpu, hcall)
@@ -329,8 +350,9 @@ class Vsm:
             raise HarnessError(f"VTL0: {self.m0.describe(vcpu)}")
         return uc
 
-    def run(self, max_steps: int = 100_000) -> guest.Ucall:
-        """Run VTL0 of VP 0, switching VTLs and serving exits like a VMM, until its next ucall."""
+    def run(self, max_steps: int) -> guest.Ucall:
+        """Run VTL0 of VP 0, switching VTLs and serving exits like a VMM, until its next ucall (within max_steps
+        KVM_RUNs of VTL0: a sequence that loops, e.g. on a protection never lifted, fails instead of spinning)."""
         for _ in range(max_steps):
             uc = self.step()
             if uc is not None:
