@@ -189,10 +189,9 @@ class Vm:
         return max(ret, 0)
 
     def set_user_memory_region_raw(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> tuple[int, int]:
-        region = ffi.new("struct kvm_userspace_memory_region *",
-                         {"slot": slot, "flags": flags, "guest_phys_addr": gpa,
-                          "memory_size": size, "userspace_addr": hva})
-        return ioctl(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
+        region = ffi.new(_REGION, (slot, flags, gpa, size, hva))   # field order of the struct
+        ret = _libc.ioctl(self.fd, _KVM_SET_USER_MEMORY_REGION, region)
+        return (ret, ffi.errno if ret < 0 else 0)
 
     def set_user_memory_region2_raw(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0,
                                     guest_memfd: int = 0, guest_memfd_offset: int = 0) -> tuple[int, int]:
@@ -295,6 +294,8 @@ class Exit:
 
 
 _KVM_RUN, _NO_ARG = uapi.KVM_RUN, ffi.cast("unsigned long", 0)
+_KVM_SET_USER_MEMORY_REGION, _REGION = (uapi.KVM_SET_USER_MEMORY_REGION,
+                                        ffi.typeof("struct kvm_userspace_memory_region *"))
 _KVM_GET_REGS, _KVM_SET_REGS, _REGS = uapi.KVM_GET_REGS, uapi.KVM_SET_REGS, ffi.typeof("struct kvm_regs *")
 _PTR_TYPES = {name: ffi.typeof(name + " *") for name in (
     "struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xsave", "struct kvm_lapic_state",

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 KICK_SIGNAL = signal.SIGUSR1
-TICK = 0.05  # how often the watcher looks at deadlines, and how often it re-kicks
+TICK = 0.05  # how often the watcher looks at deadlines
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -27,7 +27,7 @@ if threading.current_thread() is threading.main_thread():
 
 
 # An armed deadline is a list, not an object: building it is the cost every KVM_RUN pays.
-DEADLINE, RUN, THREAD, FIRED = range(4)
+DEADLINE, RUN, THREAD = range(3)
 
 
 def kick(run: Any, thread: int) -> None:
@@ -37,10 +37,14 @@ def kick(run: Any, thread: int) -> None:
 
 
 class Watcher:
-    """Polls armed deadlines every TICK, so arming a KVM_RUN costs a dict insert, not a thread or a wake-up."""
+    """Polls armed deadlines every TICK, so arming a KVM_RUN costs a dict insert, not a thread or a wake-up.
+
+    Whoever pops a deadline from `armed` owns it (dict.pop is atomic): disarm() on the normal path, the watcher
+    when it expires. So the common path takes no lock; the lock only makes a disarm that lost the race wait
+    until the kick is complete."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()    # held while firing and disarming: a disarmed run is never kicked
+        self.lock = threading.Lock()
         self.armed: dict[int, list] = {}
         self.tokens = itertools.count()
         self.thread: threading.Thread | None = None
@@ -48,15 +52,17 @@ class Watcher:
     def arm(self, run: Any, timeout: float) -> int:
         """Watch one KVM_RUN on this thread; `run` is its struct kvm_run (immediate_exit is set on expiry)."""
         token = next(self.tokens)
-        self.armed[token] = [_monotonic() + timeout, run, _get_ident(), False]
+        self.armed[token] = [_monotonic() + timeout, run, _get_ident()]
         if self.thread is None:
             self._start()
         return token
 
     def disarm(self, token: int) -> bool:
-        """Forget a deadline; True if it had fired."""
+        """Forget a deadline; True if it had fired (then its kick is complete when this returns)."""
+        if self.armed.pop(token, None) is not None:
+            return False
         with self.lock:
-            return self.armed.pop(token)[FIRED]
+            return True
 
     def _start(self) -> None:
         with self.lock:
@@ -72,9 +78,8 @@ class Watcher:
             time.sleep(TICK)
             now = _monotonic()
             with self.lock:
-                for armed in list(self.armed.values()):   # arm() inserts without the lock
-                    if armed[DEADLINE] <= now:
-                        armed[FIRED] = True
+                for token, armed in list(self.armed.items()):
+                    if armed[DEADLINE] <= now and self.armed.pop(token, None) is not None:
                         kick(armed[RUN], armed[THREAD])
 
 
