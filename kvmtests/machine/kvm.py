@@ -238,9 +238,9 @@ class Vm:
 
     def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0) -> tuple[int, int]:
         """KVM_SET_MEMORY_ATTRIBUTES as is."""
-        attrs = ffi.new("struct kvm_memory_attributes *",
-                        {"address": gpa, "size": size, "attributes": attributes, "flags": flags})
-        return ioctl(self.fd, uapi.KVM_SET_MEMORY_ATTRIBUTES, attrs)
+        attrs = ffi.new(_ATTRS, (gpa, size, attributes, flags))   # field order of the struct
+        ret = _libc.ioctl(self.fd, _KVM_SET_MEMORY_ATTRIBUTES, attrs)
+        return (ret, ffi.errno if ret < 0 else 0)
 
     def signal_msi(self, address: int, data: int, flags: int = 0) -> tuple[int, int]:
         msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
@@ -296,6 +296,8 @@ class Exit:
 _KVM_RUN, _NO_ARG = uapi.KVM_RUN, ffi.cast("unsigned long", 0)
 _KVM_SET_USER_MEMORY_REGION, _REGION = (uapi.KVM_SET_USER_MEMORY_REGION,
                                         ffi.typeof("struct kvm_userspace_memory_region *"))
+_KVM_SET_MEMORY_ATTRIBUTES, _ATTRS = (uapi.KVM_SET_MEMORY_ATTRIBUTES,
+                                      ffi.typeof("struct kvm_memory_attributes *"))
 _KVM_GET_REGS, _KVM_SET_REGS, _REGS = uapi.KVM_GET_REGS, uapi.KVM_SET_REGS, ffi.typeof("struct kvm_regs *")
 _PTR_TYPES = {name: ffi.typeof(name + " *") for name in (
     "struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xsave", "struct kvm_lapic_state",

@@ -2,7 +2,8 @@
 (VP, VTL), VTL switching in userspace) driving the TLFS VSM sequences through the series' exits. Not a VMM: no
 devices, no SynIC. Guest side in guestasm/vsm.S; every KVM_RUN is bounded by the watchdog.
 
-Readings of the TLFS the harness relies on (no kernel with the series has run it):
+Readings of the TLFS the harness relies on (run so far only on a local, partial port of the series to 6.12
+under QEMU TCG, AMD; not on the posted series):
 - GPRs other than RSP are shared between VTLs; RIP, RSP, RFLAGS and the control registers are private. A VTL
   return gives the lower VTL the RAX/RCX that the higher VTL left in its control page (hv_vp_vtl_control
   vtl_ret_x64rax/rcx); here the control page is a host-defined page, not the VP assist page.
@@ -41,13 +42,13 @@ MAP_READ, MAP_WRITE, MAP_KERNEL_EXEC = 1, 2, 4  # TLFS HV_MAP_GPA_* (HvModifyVtl
 HV_X64_REGISTER_RIP, HV_X64_REGISTER_RFLAGS = 0x00020010, 0x00020011
 USE_TARGET_VTL = hvtlfs.HV_INPUT_VTL_USE_TARGET_VTL
 
-# The control page (vsm.S), in VTL-shared memory.
+# The control page (vsm.S, which has the full layout), in VTL-shared memory: what the harness and tests read.
 CONTROL = guest.DATA_GPA
 ENTRY_REASON, RET_RAX, RET_RCX = CONTROL + 0x00, CONTROL + 0x08, CONTROL + 0x10
 MSG_TYPE, MSG_GPA, MSG_ACCESS = CONTROL + 0x20, CONTROL + 0x28, CONTROL + 0x30
 VTL1_ENTRIES, VTL1_INTERCEPTS, VTL1_INTERRUPTS = CONTROL + 0x40, CONTROL + 0x48, CONTROL + 0x50
-VTL1_STATUS, VTL1_GOT_RIP, WAKE_FLAG = CONTROL + 0x58, CONTROL + 0x60, CONTROL + 0x68
-WRITES_DONE, VP1_FLAG, VP1_RSP, VTL1_STATUS2 = CONTROL + 0x70, CONTROL + 0x78, CONTROL + 0x80, CONTROL + 0x88
+VTL1_STATUS, VTL1_GOT_RIP = CONTROL + 0x58, CONTROL + 0x60
+WRITES_DONE, VP1_RSP, VTL1_STATUS2 = CONTROL + 0x70, CONTROL + 0x80, CONTROL + 0x88
 PROTECTED_PAGE = guest.DATA_GPA + 0x3000
 VP1_STACK = guest.STACK_TOP - 0x6000            # what vtl0_start_vp passes in the initial context
 VTL1_STACK = guest.STACK_TOP - 0x8000           # VTL1's private stack (RSP is not shared)
