@@ -21,10 +21,10 @@ under QEMU TCG, AMD; not on the posted series):
 from __future__ import annotations
 
 import errno
+import queue
 import struct
 import threading
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -74,28 +74,65 @@ def _ok(result: tuple[int, int], what: str) -> None:
         raise HarnessError(f"{what}: {uapi.errno_name(err)}")
 
 
+class Job:
+    """One piece of work for a vCPU thread; a lock held until it is done is the cheapest hand-off Python has."""
+
+    __slots__ = ("fn", "args", "value", "error", "finished")
+
+    def __init__(self, fn: Callable[..., object], args: tuple):
+        self.fn, self.args, self.value, self.error = fn, args, None, None
+        self.finished = threading.Lock()
+        self.finished.acquire()
+
+    def done(self) -> bool:
+        return not self.finished.locked()
+
+    def result(self, timeout: float) -> object:
+        """Its return value (or its exception, raised here) once it ran; TimeoutError if it did not in time."""
+        if not self.finished.acquire(timeout=timeout):
+            raise TimeoutError(f"{getattr(self.fn, '__name__', self.fn)} did not finish within {timeout:g} s")
+        self.finished.release()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class VcpuThread:
-    """The one thread that issues every KVM_RUN of a vCPU, as in a VMM; work runs there in submission order."""
+    """The one thread that issues every KVM_RUN of a vCPU, as in a VMM; jobs run there in submission order."""
 
     def __init__(self, vcpu: Vcpu, name: str):
         self.vcpu = vcpu
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self.ident = self.pool.submit(threading.get_ident).result()
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+        self.ident = self.thread.ident
 
-    def submit(self, fn: object, *args: object) -> Future:
-        return self.pool.submit(fn, *args)
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                job.value = job.fn(*job.args)
+            except BaseException as e:     # handed to whoever waits for the job
+                job.error = e
+            finally:
+                job.finished.release()
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Job:
+        job = Job(fn, args)
+        self.jobs.put(job)
+        return job
 
     def kick(self) -> None:
         """End the vCPU's KVM_RUN (EINTR), or its next one if it is between runs."""
         watchdog.kick(self.vcpu.run_struct, self.ident)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.jobs.put(None)
+        self.thread.join()
 
 
 @dataclass
 class Wake:
-    """How an inactive VTL's wait in state 11 ended: its exit, the system event type, the MP state after it."""
+    """How an inactive VTL's wait in state 11 ended: its exit, the system event type, the MP state after a WAKEUP."""
 
     exit: Exit
     event: int
@@ -117,7 +154,7 @@ class Log:
     protections: list[tuple[int, int]] = field(default_factory=list)       # (GPA, attributes set on VTL0)
     wakes: list[Wake] = field(default_factory=list)                        # waits that ended with an event
     hcalls: list[tuple[int, int, list[tuple[int, int]]]] = field(default_factory=list)  # (vtl, input, xmm)
-    started: dict[int, Future] = field(default_factory=dict)                # VP index -> its first exit
+    started: dict[int, Job] = field(default_factory=dict)                   # VP index -> its first exit
 
 
 def hcall_of(vcpu: Vcpu) -> object | None:
@@ -160,7 +197,7 @@ class Vsm:
         self.kvm, self.log = kvm, Log()
         self.vm0 = self.vm1 = None
         self.threads: list[VcpuThread] = []
-        self.waiting: Future | None = None
+        self.waiting: Job | None = None
         self.wake_pending = threading.Event()
         self.caller = threading.get_ident()
         try:
@@ -243,8 +280,9 @@ class Vsm:
         ex = vcpu.run(WAIT_LIMIT)
         if ex.errno == errno.EINTR:
             vcpu.run_struct.immediate_exit = 0
-        wake = Wake(ex, vcpu.run_struct.x.system_event.type, vcpu.get_mp_state()[0])
+        wake = Wake(ex, vcpu.run_struct.x.system_event.type, -1)
         if wake.woken:
+            wake.mp_state = vcpu.get_mp_state()[0]
             self.log.wakes.append(wake)
             self.wake_pending.set()
             watchdog.kick(self.vtl0.run_struct, self.caller)   # preempt VTL0 wherever it is
