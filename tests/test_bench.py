@@ -28,5 +28,15 @@ def test_tiny_benchmark_prints_the_table():
     out = subprocess.run([sys.executable, "-m", "kvmtests.cli", "bench", "--scale", "0.01", "--repeats", "1"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0] for line in out.stdout.splitlines()[2:]}
-    assert rows == set(bench.OPS), out.stdout
+    ops_table, switch_table = out.stdout.split("\n\n")
+    assert {line.split()[0] for line in ops_table.splitlines()[2:]} == set(bench.OPS), out.stdout
+    rows = {line.split()[0]: line for line in switch_table.splitlines()[2:]}
+    assert set(rows) == set(bench.SWITCH_OPS), out.stdout
+    assert " - " not in rows["pio_exit"], f"the port-I/O exit is the baseline and runs on any host:\n{out.stdout}"
+
+
+@pytest.mark.selftest
+def test_median_p99_match_the_c_side():
+    """ops.c sorts and takes elements n/2 and 99n/100: the Python side reports the same statistics."""
+    assert bench.median_p99([float(x) for x in range(100, 0, -1)]) == (51.0, 100.0)
+    assert bench.median_p99([5.0]) == (5.0, 5.0)

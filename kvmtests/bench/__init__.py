@@ -16,8 +16,8 @@ from typing import Callable
 from tabulate import tabulate
 
 from kvmtests import uapi
-from kvmtests.machine import asm, guest
-from kvmtests.machine.kvm import Kvm, Unavailable, Vm
+from kvmtests.machine import asm, guest, vsm
+from kvmtests.machine.kvm import Kvm, Unavailable, Vcpu, Vm
 from kvmtests.machine.tools import ToolMissing, require
 from kvmtests.machine.watchdog import watcher
 from kvmtests.uapi import _libc, ffi
@@ -25,6 +25,10 @@ from kvmtests.uapi import _libc, ffi
 SOURCE = Path(__file__).parent / "ops.c"
 TARGET_RATIO = 1.1
 OPS = {"vm": 200, "vcpu": 200, "memslot": 2000, "run": 5000, "regs": 20000, "attrs": 20000}
+# Round trips timed one by one (median and p99): a plain port-I/O exit, and the VTL switches of machine/vsm.py.
+SWITCH_OPS = {"pio_exit": 5000, "vtl_call": 1000, "protect": 500}
+SWITCH_ENTRY = {"vtl_call": ("vtl0_call_loop", 1), "protect": ("vtl0_protect_loop", 2)}   # entry, VTL0 steps
+CHUNKS = 10  # raw and layered batches alternate in this many chunks, so kernel drift hits both alike
 ATTR_GPA = 0x200000
 
 
@@ -44,19 +48,24 @@ def build_c() -> Path:
     return out
 
 
-def write_image(m: guest.Machine, path: Path) -> None:
-    """The guest as ops.c loads it: memory size, regs, sregs, CPUID, memory."""
-    cpuid = m.vcpu.get_cpuid()
+def _write_vcpu(f: object, vcpu: Vcpu) -> None:
+    cpuid = vcpu.get_cpuid()
     entries = ffi.new("struct kvm_cpuid_entry2[]", len(cpuid))
     for i, e in enumerate(cpuid):
         for k, v in e.items():
             setattr(entries[i], k, v)
+    f.write(ffi.buffer(vcpu.get_regs()))
+    f.write(ffi.buffer(vcpu.get_sregs()))
+    f.write(len(cpuid).to_bytes(4, "little"))
+    f.write(ffi.buffer(entries))
+
+
+def write_image(m: guest.Machine, path: Path, vcpus: tuple[Vcpu, ...] = ()) -> None:
+    """The guest as ops.c loads it: memory size, regs, sregs and CPUID of each vCPU (default: the first), memory."""
     with open(path, "wb") as f:
         f.write(m.mem.size.to_bytes(8, "little"))
-        f.write(ffi.buffer(m.vcpu.get_regs()))
-        f.write(ffi.buffer(m.vcpu.get_sregs()))
-        f.write(len(cpuid).to_bytes(4, "little"))
-        f.write(ffi.buffer(entries))
+        for vcpu in vcpus or (m.vcpu,):
+            _write_vcpu(f, vcpu)
         f.write(m.mem.buf[:])
 
 
@@ -77,11 +86,25 @@ def _timed(fn: Callable[[], object], n: int, run: object) -> float:
     return elapsed / n
 
 
-def _c(binary: Path, op: str, n: int, image: Path) -> float:
+def _paired(raw: Callable[[], object], layered: Callable[[], object], n: int, run: object) -> tuple[float, float]:
+    """Mean ns per call of each, their batches interleaved in CHUNKS, in ABBA order: VM and memslot costs drift in
+    the kernel, and a batch pays for deferred work (RCU, SRCU) that the batch before it left."""
+    chunk = max(1, n // CHUNKS)
+    raw_ns = layered_ns = 0.0
+    for i in range(CHUNKS):
+        first, second = (raw, layered) if i % 2 == 0 else (layered, raw)
+        a, b = _timed(first, chunk, run), _timed(second, chunk, run)
+        raw_ns += a if i % 2 == 0 else b
+        layered_ns += b if i % 2 == 0 else a
+    return raw_ns / CHUNKS, layered_ns / CHUNKS
+
+
+def _c(binary: Path, op: str, n: int, image: Path) -> list[float]:
+    """The C side's answer: ns per operation, or median and p99 for the one-by-one ops."""
     out = subprocess.run([str(binary), op, str(n), str(image)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"bench C side, {op}: {out.stderr.strip()}")
-    return float(out.stdout)
+    return [float(x) for x in out.stdout.split()]
 
 
 def _layered(kvm: Kvm, vm: Vm, m: guest.Machine) -> dict[str, Callable[[], object]]:
@@ -140,14 +163,70 @@ def measure(kvm: Kvm, binary: Path, op: str, n: int, repeats: int, image: Path) 
         write_image(m, image)
         fns = (_raw(kvm, vm, m), _layered(kvm, vm, m))
         for _ in range(repeats):
-            c.append(_c(binary, op, n, image))
+            c.append(_c(binary, op, n, image)[0])
             if op == "vcpu":
                 raw.append(_vcpu_batch(kvm, n, True))
                 layered.append(_vcpu_batch(kvm, n, False))
             else:
-                raw.append(_timed(fns[0][op], n, m.vcpu.run_struct))
-                layered.append(_timed(fns[1][op], n, m.vcpu.run_struct))
+                pair = _paired(fns[0][op], fns[1][op], n, m.vcpu.run_struct)
+                raw.append(pair[0])
+                layered.append(pair[1])
     return statistics.median(c), statistics.median(raw), statistics.median(layered)
+
+
+def _one_by_one(fn: Callable[[], object], n: int) -> list[float]:
+    """ns of each of n calls, after n/10 + 1 unrecorded ones (as ops.c)."""
+    for _ in range(n // CHUNKS + 1):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - start)
+    return times
+
+
+def median_p99(times: list[float]) -> tuple[float, float]:
+    """The same order statistics as ops.c: element n/2 and element 99n/100 of the sorted times."""
+    ordered = sorted(times)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) * 99 // 100, len(ordered) - 1)]
+
+
+def _vsm_step(v: vsm.Vsm) -> None:
+    uc = v.step()
+    if uc is not None:
+        raise RuntimeError(f"bench: VTL0 left its loop with {uc}")
+
+
+def measure_switch(kvm: Kvm, binary: Path, op: str, n: int, image: Path) -> tuple[list[float], list[float]]:
+    """(C median, p99), (kvmtests median, p99) in ns of one round trip: a port-I/O exit, or a VTL switch sequence
+    through machine/vsm.py (which raises Unavailable or HarnessError where the kernel cannot run it)."""
+    if op == "pio_exit":
+        with kvm.create_vm() as vm:
+            m = guest.build(vm, guest.load_payload("basic"), entry="pio_loop")
+            write_image(m, image)
+            return _c(binary, "pio", n, image), list(median_p99(_one_by_one(m.vcpu.run, n)))
+    entry, steps = SWITCH_ENTRY[op]
+    with vsm.build(kvm) as v:
+        v.enter(entry, rbx=vsm.PROTECTED_PAGE)
+        with v.vtl1_held() as vtl1:
+            write_image(v.m0, image, (v.vtl0, vtl1))
+        ours = median_p99(_one_by_one(lambda: [_vsm_step(v) for _ in range(steps)], n))
+    return _c(binary, op, n, image), list(ours)
+
+
+def _switch_rows(kvm: Kvm, binary: Path, args: argparse.Namespace, image: Path) -> list[list[str]]:
+    rows, pio = [], None
+    for op, n in SWITCH_OPS.items():
+        try:
+            (c_med, c_p99), (med, p99) = measure_switch(kvm, binary, op, max(10, int(n * args.scale)), image)
+        except (Unavailable, vsm.HarnessError) as e:
+            rows.append([op, "-", "-", "-", "-", "-", "-", f"cannot run here: {e}"])
+            continue
+        pio = pio or (c_med, med)
+        rows.append([op, f"{c_med / 1000:.2f}", f"{c_p99 / 1000:.2f}", f"{med / 1000:.2f}", f"{p99 / 1000:.2f}",
+                     f"{med / c_med:.2f}", f"{med / pio[1]:.1f} / {c_med / pio[0]:.1f}", ""])
+    return rows
 
 
 def _note(c: float, raw: float, layered: float) -> str:
@@ -179,10 +258,15 @@ def run_bench(args: argparse.Namespace) -> int:
                 c, raw, layered = measure(kvm, binary, op, max(1, int(n * args.scale)), args.repeats, image)
                 rows.append([op, f"{c / 1000:.2f}", f"{raw / 1000:.2f}", f"{layered / 1000:.2f}",
                              f"{layered / c:.2f}", f"{layered / raw:.2f}", _note(c, raw, layered)])
+            switch_rows = _switch_rows(kvm, binary, args, image)
     finally:
         shutil.rmtree(image.parent)
     print(tabulate(rows, headers=["operation", "C µs", "bare cffi µs", "kvmtests µs", "kvmtests/C",
                                   "kvmtests/cffi", "note"], tablefmt="simple"))
+    print()
+    print(tabulate(switch_rows, headers=["round trip", "C median µs", "C p99 µs", "kvmtests median µs",
+                                         "kvmtests p99 µs", "kvmtests/C", "x port-I/O exit (kvmtests / C)", "note"],
+                   tablefmt="simple"))
     return 0
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from kvmtests import uapi
-from kvmtests.uapi import ffi, ioctl
+from kvmtests.uapi import _libc, ffi, ioctl
 
 from .watchdog import watcher
 
@@ -39,6 +39,7 @@ class Kvm:
 
     def __init__(self, path: str | None = None):
         self.path = path or dev_kvm_path()
+        self._mmap_size: int | None = None
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -77,7 +78,10 @@ class Kvm:
         return Vm(self, fd, vm_type)
 
     def vcpu_mmap_size(self) -> int:
-        return _check("KVM_GET_VCPU_MMAP_SIZE", ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE))
+        """KVM_GET_VCPU_MMAP_SIZE, asked once: it is fixed for the module's lifetime, and every vCPU needs it."""
+        if self._mmap_size is None:
+            self._mmap_size = _check("KVM_GET_VCPU_MMAP_SIZE", ioctl(self.fd, uapi.KVM_GET_VCPU_MMAP_SIZE))
+        return self._mmap_size
 
     def supported_cpuid(self) -> list[dict]:
         return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")[0]
@@ -185,10 +189,9 @@ class Vm:
         return max(ret, 0)
 
     def set_user_memory_region_raw(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> tuple[int, int]:
-        region = ffi.new("struct kvm_userspace_memory_region *",
-                         {"slot": slot, "flags": flags, "guest_phys_addr": gpa,
-                          "memory_size": size, "userspace_addr": hva})
-        return ioctl(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
+        region = ffi.new(_REGION, (slot, flags, gpa, size, hva))   # field order of the struct
+        ret = _libc.ioctl(self.fd, _KVM_SET_USER_MEMORY_REGION, region)
+        return (ret, ffi.errno if ret < 0 else 0)
 
     def set_user_memory_region2_raw(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0,
                                     guest_memfd: int = 0, guest_memfd_offset: int = 0) -> tuple[int, int]:
@@ -235,9 +238,9 @@ class Vm:
 
     def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0) -> tuple[int, int]:
         """KVM_SET_MEMORY_ATTRIBUTES as is."""
-        attrs = ffi.new("struct kvm_memory_attributes *",
-                        {"address": gpa, "size": size, "attributes": attributes, "flags": flags})
-        return ioctl(self.fd, uapi.KVM_SET_MEMORY_ATTRIBUTES, attrs)
+        attrs = ffi.new(_ATTRS, (gpa, size, attributes, flags))   # field order of the struct
+        ret = _libc.ioctl(self.fd, _KVM_SET_MEMORY_ATTRIBUTES, attrs)
+        return (ret, ffi.errno if ret < 0 else 0)
 
     def signal_msi(self, address: int, data: int, flags: int = 0) -> tuple[int, int]:
         msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
@@ -274,7 +277,7 @@ def _enable_cap(cap: int, args: Iterable[int]) -> object:
     return ec
 
 
-@dataclass
+@dataclass(slots=True)
 class Exit:
     """What one KVM_RUN returned, decoded enough to name it in a message."""
 
@@ -290,6 +293,12 @@ class Exit:
         return uapi.exit_name(self.reason)
 
 
+_KVM_RUN, _NO_ARG = uapi.KVM_RUN, ffi.cast("unsigned long", 0)
+_KVM_SET_USER_MEMORY_REGION, _REGION = (uapi.KVM_SET_USER_MEMORY_REGION,
+                                        ffi.typeof("struct kvm_userspace_memory_region *"))
+_KVM_SET_MEMORY_ATTRIBUTES, _ATTRS = (uapi.KVM_SET_MEMORY_ATTRIBUTES,
+                                      ffi.typeof("struct kvm_memory_attributes *"))
+_KVM_GET_REGS, _KVM_SET_REGS, _REGS = uapi.KVM_GET_REGS, uapi.KVM_SET_REGS, ffi.typeof("struct kvm_regs *")
 _PTR_TYPES = {name: ffi.typeof(name + " *") for name in (
     "struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xsave", "struct kvm_lapic_state",
     "struct kvm_vcpu_events")}
@@ -327,11 +336,13 @@ class Vcpu:
         """One KVM_RUN bounded by the watchdog; a timeout shows as Exit.timed_out."""
         run = self.run_struct
         token = watcher.arm(run, timeout)
-        ret, err = ioctl(self.fd, uapi.KVM_RUN)
-        fired = watcher.disarm(token)
-        if fired:
+        ret = _libc.ioctl(self.fd, _KVM_RUN, _NO_ARG)   # uapi.ioctl inlined: this is the hot path
+        err = ffi.errno if ret < 0 else 0
+        if watcher.disarm(token):
             run.immediate_exit = 0
-        self.last_exit = Exit(ret, err, run.exit_reason, fired and err == errno.EINTR)
+            self.last_exit = Exit(ret, err, run.exit_reason, err == errno.EINTR)
+        else:
+            self.last_exit = Exit(ret, err, run.exit_reason)
         return self.last_exit
 
     def _get(self, request: int, ctype: str, what: str) -> object:
@@ -340,10 +351,14 @@ class Vcpu:
         return obj
 
     def get_regs(self) -> object:
-        return self._get(uapi.KVM_GET_REGS, "struct kvm_regs", "KVM_GET_REGS")
+        regs = ffi.new(_REGS)   # _get inlined: register access is on every exit path
+        if _libc.ioctl(self.fd, _KVM_GET_REGS, regs) < 0:
+            _check("KVM_GET_REGS", (-1, ffi.errno))
+        return regs
 
     def set_regs(self, regs: object) -> None:
-        _check("KVM_SET_REGS", ioctl(self.fd, uapi.KVM_SET_REGS, regs))
+        if _libc.ioctl(self.fd, _KVM_SET_REGS, regs) < 0:
+            _check("KVM_SET_REGS", (-1, ffi.errno))
 
     def get_sregs(self) -> object:
         return self._get(uapi.KVM_GET_SREGS, "struct kvm_sregs", "KVM_GET_SREGS")

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 KICK_SIGNAL = signal.SIGUSR1
-TICK = 0.05  # how often the watcher looks at deadlines, and how often it re-kicks
+TICK = 0.05  # how often the watcher looks at deadlines
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -26,51 +26,62 @@ if threading.current_thread() is threading.main_thread():
     install_kick_handler()
 
 
-class _Armed:
-    __slots__ = ("deadline", "run", "thread", "fired")
+# An armed deadline is a list, not an object: building it is the cost every KVM_RUN pays.
+DEADLINE, RUN, THREAD = range(3)
 
-    def __init__(self, deadline: float, run: Any, thread: int):
-        self.deadline, self.run, self.thread, self.fired = deadline, run, thread, False
+
+def kick(run: Any, thread: int) -> None:
+    """Make the KVM_RUN of `run` on `thread` return EINTR: now if it is in the kernel, else at its next entry."""
+    run.immediate_exit = 1
+    signal.pthread_kill(thread, KICK_SIGNAL)
 
 
 class Watcher:
-    """Polls armed deadlines every TICK, so arming a KVM_RUN costs a dict insert, not a thread or a wake-up."""
+    """Polls armed deadlines every TICK, so arming a KVM_RUN costs a dict insert, not a thread or a wake-up.
+
+    Whoever pops a deadline from `armed` owns it (dict.pop is atomic): disarm() on the normal path, the watcher
+    when it expires. So the common path takes no lock; the lock only makes a disarm that lost the race wait
+    until the kick is complete."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.armed: dict[int, _Armed] = {}
+        self.armed: dict[int, list] = {}
         self.tokens = itertools.count()
         self.thread: threading.Thread | None = None
 
     def arm(self, run: Any, timeout: float) -> int:
         """Watch one KVM_RUN on this thread; `run` is its struct kvm_run (immediate_exit is set on expiry)."""
         token = next(self.tokens)
-        armed = _Armed(time.monotonic() + timeout, run, threading.get_ident())
-        with self.lock:
-            self.armed[token] = armed
-            if self.thread is None:
-                if signal.getsignal(KICK_SIGNAL) is not _ignore:
-                    raise RuntimeError("kvmtests.watchdog: kick handler not installed (import kvmtests on the "
-                                       "main thread)")
-                self.thread = threading.Thread(target=self._loop, name="kvmtests-watchdog", daemon=True)
-                self.thread.start()
+        self.armed[token] = [_monotonic() + timeout, run, _get_ident()]
+        if self.thread is None:
+            self._start()
         return token
 
     def disarm(self, token: int) -> bool:
-        """Forget a deadline; True if it had fired."""
+        """Forget a deadline; True if it had fired (then its kick is complete when this returns)."""
+        if self.armed.pop(token, None) is not None:
+            return False
         with self.lock:
-            return self.armed.pop(token).fired
+            return True
+
+    def _start(self) -> None:
+        with self.lock:
+            if self.thread is not None:
+                return
+            if signal.getsignal(KICK_SIGNAL) is not _ignore:
+                raise RuntimeError("kvmtests.watchdog: kick handler not installed (import kvmtests on the main thread)")
+            self.thread = threading.Thread(target=self._loop, name="kvmtests-watchdog", daemon=True)
+            self.thread.start()
 
     def _loop(self) -> None:
         while True:
             time.sleep(TICK)
-            now = time.monotonic()
+            now = _monotonic()
             with self.lock:
-                for a in self.armed.values():
-                    if a.deadline <= now:
-                        a.fired = True
-                        a.run.immediate_exit = 1
-                        signal.pthread_kill(a.thread, KICK_SIGNAL)
+                for token, armed in list(self.armed.items()):
+                    if armed[DEADLINE] <= now and self.armed.pop(token, None) is not None:
+                        kick(armed[RUN], armed[THREAD])
 
 
+_monotonic, _get_ident = time.monotonic, threading.get_ident
 watcher = Watcher()

@@ -1,0 +1,289 @@
+/* Two-VTL guest for machine/vsm.py: VTL0 and VTL1 run this same image from one shared memory, each on its
+ * own VM and vCPU (spec 5.1). VTL0 entries are called by the host; VTL1 is entered only by the harness (at
+ * vtl1_entry the first time, afterwards after its last VtlReturn, TLFS "VTL return") and dispatches on the
+ * entry reason and, for a VTL call, on the command in RDX. GPRs are shared between the VTLs (TLFS register
+ * sharing): VTL1 preserves what it does not return, and returns RAX/RCX through the control page (TLFS
+ * hv_vp_vtl_control vtl_ret_x64rax/rcx). USE_VMMCALL comes from the builder (the host's native instruction). */
+.include "common.inc"
+
+.set HVCALL_VTL_CALL, 0x11
+.set HVCALL_VTL_RETURN, 0x12
+.set HVCALL_MODIFY_VTL_PROTECTION_MASK, 0x0c
+.set HVCALL_GET_VP_REGISTERS, 0x50
+.set HVCALL_SET_VP_REGISTERS, 0x51
+.set HVCALL_START_VP, 0x99
+.set FAST, 0x10000
+.set REP1, 0x100000000
+.set ENTRY_VTL_CALL, 1
+.set ENTRY_INTERRUPT, 2
+.set MSG_GPA_INTERCEPT, 0x80000001
+.set HV_X64_REGISTER_RIP, 0x00020010
+.set MAP_ALL, 0xf                      /* HV_MAP_GPA_READABLE | WRITABLE | KERNEL_EXEC | USER_EXEC */
+.set MAP_NO_WRITE, 0xd
+.set CMD_ECHO, 0
+.set CMD_PROTECT, 1
+.set CMD_REGS, 2
+.set ECHO_MAGIC, 0x5a5a0000
+
+/* The control page (host-defined layout, vsm.py CONTROL_*). */
+.set CONTROL, DATA_GPA
+.set ENTRY_REASON, CONTROL + 0x00
+.set RET_RAX, CONTROL + 0x08
+.set RET_RCX, CONTROL + 0x10
+.set MSG_TYPE, CONTROL + 0x20
+.set MSG_GPA, CONTROL + 0x28
+.set MSG_ACCESS, CONTROL + 0x30
+.set VTL1_ENTRIES, CONTROL + 0x40
+.set VTL1_INTERCEPTS, CONTROL + 0x48
+.set VTL1_INTERRUPTS, CONTROL + 0x50
+.set VTL1_STATUS, CONTROL + 0x58       /* last status VTL1 got from a hypercall of its own */
+.set VTL1_GOT_RIP, CONTROL + 0x60      /* XMM1 low after GetVpRegisters(VTL0 RIP) */
+.set WAKE_FLAG, CONTROL + 0x68
+.set WRITES_DONE, CONTROL + 0x70
+.set VP1_FLAG, CONTROL + 0x78
+.set VP1_RSP, CONTROL + 0x80
+.set VTL1_STATUS2, CONTROL + 0x88      /* ... of its second one */
+.set VP1_STACK, STACK_TOP - 0x6000
+.set VP1_PORT, 0xea
+.set INPUT, DATA_GPA + 0x1000          /* VTL1's hypercall input page */
+.set VP0_INPUT, DATA_GPA + 0x2000      /* VTL0's hypercall input page */
+
+.macro HVCALL
+.if USE_VMMCALL
+	vmmcall
+.else
+	vmcall
+.endif
+.endm
+
+_start:
+	GUEST_DONE
+
+/* --- VTL0 -------------------------------------------------------------------------------------- */
+
+/* RBX VTL calls (echo): VTL1 answers RSI = 2i+1, RAX = i ^ ECHO_MAGIC, RCX = i; any drift is an ASSERT. */
+.globl vtl0_calls
+vtl0_calls:
+	xorq %r12, %r12
+	movq %rsp, %r13
+1:	incq %r12
+	movq %r12, %rdi
+	movq $CMD_ECHO, %rdx
+	movq $HVCALL_VTL_CALL, %rcx
+.globl vtl0_call_insn
+vtl0_call_insn:
+	HVCALL
+	leaq 1(%r12,%r12), %r14
+	GUEST_ASSERT_EQ %rsi, %r14, 1
+	movq %r12, %r14
+	xorq $ECHO_MAGIC, %r14
+	GUEST_ASSERT_EQ %rax, %r14, 2
+	GUEST_ASSERT_EQ %rcx, %r12, 3
+	GUEST_ASSERT_EQ %rsp, %r13, 4
+	cmpq %rbx, %r12
+	jb 1b
+	GUEST_SYNC 1, %r12
+	GUEST_DONE
+
+/* VTL calls forever (benchmark): every round trip is one VtlCall exit of VTL0. */
+.globl vtl0_call_loop
+vtl0_call_loop:
+	movq $1, %rdi
+	movq $CMD_ECHO, %rdx
+	movq $HVCALL_VTL_CALL, %rcx
+	HVCALL
+	jmp vtl0_call_loop
+
+/* Ask VTL1 to make the page at RBX not writable for VTL0, then write RAX to it: the write faults, VTL1
+ * lifts the protection on the intercept, and the write retires; WRITES_DONE counts the retirements. */
+.globl vtl0_protect
+vtl0_protect:
+	movq %rbx, %rdi
+	movq $CMD_PROTECT, %rdx
+	movq $HVCALL_VTL_CALL, %rcx
+	HVCALL
+	movabsq $0x0123456789abcdef, %rax
+	movq %rax, %r12
+.globl vtl0_protected_write
+vtl0_protected_write:
+	movq %rax, (%rbx)
+.globl vtl0_protected_write_end
+vtl0_protected_write_end:
+	incq WRITES_DONE
+	GUEST_ASSERT_EQ %rax, %r12, 5
+	movq (%rbx), %rax
+	GUEST_SYNC 2
+	GUEST_DONE
+
+/* The same round trip forever (benchmark): protect, write, (intercept, lift), again. */
+.globl vtl0_protect_loop
+vtl0_protect_loop:
+	movq %rbx, %rdi
+	movq $CMD_PROTECT, %rdx
+	movq $HVCALL_VTL_CALL, %rcx
+	HVCALL
+	movq %rax, (%rbx)
+	jmp vtl0_protect_loop
+
+/* Spin with a value in R12 until VTL1 (entered on an interrupt) sets WAKE_FLAG; report R12. */
+.globl vtl0_spin
+vtl0_spin:
+	movabsq $0x7e57c0de7e57c0de, %r12
+1:	pause
+	cmpq $0, WAKE_FLAG
+	je 1b
+	GUEST_SYNC 3, %r12
+	GUEST_DONE
+
+/* VTL call asking VTL1 to read VTL0's RIP (GetVpRegisters, XMM output) and move it to vtl0_redirected
+ * (SetVpRegisters): VTL0 must not come back after its VMCALL. */
+.globl vtl0_regs
+vtl0_regs:
+	movq $CMD_REGS, %rdx
+	movq $HVCALL_VTL_CALL, %rcx
+.globl vtl0_regs_insn
+vtl0_regs_insn:
+	HVCALL
+.globl vtl0_regs_after
+vtl0_regs_after:
+	GUEST_SYNC 4
+	GUEST_DONE
+.globl vtl0_redirected
+vtl0_redirected:
+	GUEST_SYNC 5
+	GUEST_DONE
+
+/* Start VP 1 at vp1_entry (StartVirtualProcessor, slow, HV_INITIAL_VP_CONTEXT at input + 16), then wait
+ * for it to run; report the status. */
+.globl vtl0_start_vp
+vtl0_start_vp:
+	movq $VP0_INPUT, %rdi
+	movq $-1, (%rdi)                   /* partition_id: HV_PARTITION_ID_SELF */
+	movq $1, 8(%rdi)                   /* vp_index 1, target_vtl 0 */
+	movq $vp1_entry, 16(%rdi)          /* rip */
+	movq $VP1_STACK, 24(%rdi)          /* rsp */
+	movq $2, 32(%rdi)                  /* rflags */
+	movl $0xc0000080, %ecx
+	rdmsr
+	shlq $32, %rdx
+	orq %rdx, %rax
+	movq %rax, 200(%rdi)               /* efer */
+	movq %cr0, %rax
+	movq %rax, 208(%rdi)
+	movq %cr3, %rax
+	movq %rax, 216(%rdi)
+	movq %cr4, %rax
+	movq %rax, 224(%rdi)
+	movq $HVCALL_START_VP, %rcx
+	movq %rdi, %rdx
+	xorq %r8, %r8
+	HVCALL
+	movq %rax, %r12
+1:	pause
+	cmpq $0, VP1_FLAG
+	je 1b
+	GUEST_SYNC 6, %r12
+	GUEST_DONE
+
+/* VP 1 (started by StartVirtualProcessor): leaves its mark and RSP, then stops at its own port. */
+.globl vp1_entry
+vp1_entry:
+	movq %rsp, VP1_RSP
+	movq $0x1, VP1_FLAG
+	outb %al, $VP1_PORT
+	jmp vp1_entry
+
+/* --- VTL1 -------------------------------------------------------------------------------------- */
+
+.globl vtl1_entry
+vtl1_entry:
+	movq %rax, RET_RAX                 /* what VTL0 gets back unless the call answers otherwise */
+	movq %rcx, RET_RCX
+	incq VTL1_ENTRIES
+	cmpl $ENTRY_VTL_CALL, ENTRY_REASON
+	jne vtl1_event
+	cmpq $CMD_PROTECT, %rdx
+	je vtl1_protect
+	cmpq $CMD_REGS, %rdx
+	je vtl1_regs
+	/* echo */
+	leaq 1(%rdi,%rdi), %rsi
+	movq %rdi, %rax
+	xorq $ECHO_MAGIC, %rax
+	movq %rax, RET_RAX
+	movq %rdi, RET_RCX
+vtl1_return:
+	xorl %eax, %eax
+	movq $HVCALL_VTL_RETURN, %rcx
+.globl vtl1_return_insn
+vtl1_return_insn:
+	HVCALL
+	jmp vtl1_entry
+
+/* HvModifyVtlProtectionMask(1 page at RDI, map flags in ESI) for VTL0; RDX and R8 are preserved. */
+modify_protection:
+	pushq %rdx
+	pushq %r8
+	movq $INPUT, %rdx
+	movq $-1, (%rdx)                   /* partition_id: HV_PARTITION_ID_SELF */
+	movl %esi, 8(%rdx)                 /* map_flags */
+	movl $0x10, 12(%rdx)               /* target_vtl: use_target_vtl, VTL 0 */
+	movq %rdi, %rax
+	shrq $12, %rax
+	movq %rax, 16(%rdx)                /* gpa_page_list[0] */
+	movabsq $(HVCALL_MODIFY_VTL_PROTECTION_MASK | REP1), %rcx
+	xorq %r8, %r8
+	HVCALL
+	movq %rax, VTL1_STATUS
+	popq %r8
+	popq %rdx
+	ret
+
+vtl1_protect:
+	movl $MAP_NO_WRITE, %esi
+	call modify_protection
+	jmp vtl1_return
+
+/* GetVpRegisters(VTL0 RIP), fast with XMM output into XMM1; SetVpRegisters(VTL0 RIP := vtl0_redirected). */
+vtl1_regs:
+	movq $-1, %rdx                     /* partition_id */
+	movabsq $0x1000000000, %r8         /* vp_index 0, input_vtl: use_target_vtl, VTL 0 */
+	movl $HV_X64_REGISTER_RIP, %eax
+	movq %rax, %xmm0
+	pxor %xmm1, %xmm1
+	movabsq $(HVCALL_GET_VP_REGISTERS | FAST | REP1), %rcx
+	HVCALL
+	movq %rax, VTL1_STATUS
+	movq %xmm1, %rax
+	movq %rax, VTL1_GOT_RIP
+	movl $HV_X64_REGISTER_RIP, %eax
+	movq %rax, %xmm0                   /* hv_register_assoc: name, reserved */
+	movq $vtl0_redirected, %rax
+	movq %rax, %xmm1                   /* value */
+	movabsq $(HVCALL_SET_VP_REGISTERS | FAST | REP1), %rcx
+	HVCALL
+	movq %rax, VTL1_STATUS2
+	jmp vtl1_return
+
+/* Entered on an event: a GPA intercept message (lift the protection, let the access retire) or an
+ * interrupt (take it with IF = 1, raise WAKE_FLAG). VTL0 was preempted: every shared register is kept. */
+vtl1_event:
+	cmpl $MSG_GPA_INTERCEPT, MSG_TYPE
+	jne vtl1_interrupt
+	incq VTL1_INTERCEPTS
+	pushq %rdi
+	pushq %rsi
+	movq MSG_GPA, %rdi
+	movl $MAP_ALL, %esi
+	call modify_protection
+	movl $0, MSG_TYPE
+	popq %rsi
+	popq %rdi
+	jmp vtl1_return
+vtl1_interrupt:
+	sti
+	nop
+	cli
+	incq VTL1_INTERRUPTS
+	movq $1, WAKE_FLAG
+	jmp vtl1_return
