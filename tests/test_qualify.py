@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import lzma
+import os
 import shlex
+import signal
 import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hypothesis
@@ -479,6 +483,43 @@ def test_cli_unwritable_results(tmp_path: Path, busybox: Path, capsys: pytest.Ca
     blocker.write_text("")
     assert run_cli(["--kernel", str(make_image(tmp_path)), "--results", str(blocker / "res")]) == 2
     assert one_error_line(capsys).endswith("check the path and its permissions")
+
+
+def test_sigterm_ends_the_emulator_too(tmp_path: Path, busybox: Path) -> None:
+    """A qualify stopped by SIGTERM (CI's time limit, a user's kill) leaves no emulator running."""
+    make_modules(tmp_path)
+    pid_file = tmp_path / "emulator.pid"
+    fake = tmp_path / "qemu"
+    fake.write_text(f"#!{sys.executable}\nimport os, pathlib, time\n"
+                    f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\ntime.sleep(60)\n")
+    fake.chmod(0o755)
+    driver = (f"import pathlib, sys\nfrom kvmtests import cli\nfrom kvmtests.runner import initramfs, qemu\n"
+              f"initramfs.BUSYBOX = pathlib.Path({str(busybox)!r})\nqemu.find_qemu = lambda: {str(fake)!r}\n"
+              f"sys.exit(cli.main(['qualify', '--kernel', {str(make_image(tmp_path))!r}, '--accel', 'tcg', "
+              f"'--results', {str(tmp_path / 'out')!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    emulator = None
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "qualify never started the emulator"
+            time.sleep(0.05)
+        emulator = int(pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        orphaned = True
+        try:
+            os.kill(emulator, 0)
+        except ProcessLookupError:
+            orphaned = False
+        assert not orphaned, f"the emulator (pid {emulator}) still runs after qualify ended on SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if emulator is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(emulator, signal.SIGKILL)
 
 
 def test_cli_runs_fake_qemu_and_collects_results(tmp_path: Path, busybox: Path, capsys: pytest.CaptureFixture[str],

@@ -86,20 +86,24 @@ def run_console(
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     timed_out = None
-    while proc.poll() is None:
-        now = time.monotonic() - start
-        if SUITE_START not in marks and now > boot_timeout:
-            timed_out = "boot"
-        elif now > timeout:
-            timed_out = "suite"
-        if timed_out:
+    try:
+        while proc.poll() is None:
+            now = time.monotonic() - start
+            if SUITE_START not in marks and now > boot_timeout:
+                timed_out = "boot"
+            elif now > timeout:
+                timed_out = "suite"
+            if timed_out:
+                proc.kill()
+                break
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:   # Ctrl-C or SIGTERM (cli.main) ends the emulator too, never leaves it running
+        if proc.poll() is None:
             proc.kill()
-            break
-        try:
-            proc.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    proc.wait()
+        proc.wait()
     reader.join(timeout=5)
     return RunResult(
         returncode=None if timed_out else proc.returncode,
