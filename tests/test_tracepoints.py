@@ -152,9 +152,9 @@ def test_rejected_set_emits_nothing(vm, series, trace):
 
 
 @pytest.fixture
-def prober(vm, series, trace):
+def prober(vm, series, trace, fault_rule):
     memfault.require_tdp()
-    p = memfault.build_prober(vm)
+    p = memfault.build_prober(vm, rule=fault_rule)
     for page in (PAGE_A, PAGE_B):
         p.place_ret(page)
     return p
@@ -222,10 +222,10 @@ def test_faultin_events_across_a_huge_page_aligned_range(prober, series, trace):
 
 
 @pytest.mark.catalog(77)
-def test_faultin_event_names_the_vcpu(vm, series, trace):
+def test_faultin_event_names_the_vcpu(vm, series, trace, fault_rule):
     """Two vCPUs, each denied a write on its own NW page: each event carries the faulting vCPU's id."""
     memfault.require_tdp()
-    p = memfault.build_prober(vm, vcpus=2)
+    p = memfault.build_prober(vm, vcpus=2, rule=fault_rule)
     set_attrs(series, vm, PAGE_A, 2 * PAGE, NW)
     for vcpu, page in zip(p.m.vcpus[::-1], (PAGE_A, PAGE_B)):
         trace.clear()
