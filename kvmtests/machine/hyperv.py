@@ -222,11 +222,7 @@ def complete(hvm: HvMachine, result: int, *, xmm: list[Xmm] | None = None, input
         h.input = input
     for i, (lo, hi) in enumerate(xmm or []):
         h.xmm[i].low, h.xmm[i].high = lo, hi
-    vcpu.run_struct.immediate_exit = 1
-    try:
-        ex = vcpu.run(timeout)
-    finally:
-        vcpu.run_struct.immediate_exit = 0
+    ex = vcpu.complete_exit(timeout)
     if not (ex.ret < 0 and ex.errno == errno.EINTR):
         return Outcome(detail=f"KVM_RUN with immediate_exit to complete the hypercall: {hvm.machine.describe()}")
     regs = vcpu.get_regs()

@@ -66,8 +66,7 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm; a failing call reads as 0 (capability absent)."""
-        ret, _ = ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap)
-        return max(ret, 0)
+        return _check_extension(self.fd, cap)
 
     def create_vm_raw(self, vm_type: int = 0) -> tuple[int, int]:
         """KVM_CREATE_VM as is."""
@@ -92,6 +91,11 @@ class Kvm:
 
 
 CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def _check_extension(fd: int, cap: int) -> int:
+    ret, _ = ioctl(fd, uapi.KVM_CHECK_EXTENSION, cap)
+    return max(ret, 0)
 
 
 def _get_cpuid2(fd: int, request: int, what: str | None) -> tuple[list[dict], int]:
@@ -185,8 +189,7 @@ class Vm:
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd; a failing call reads as 0."""
-        ret, _ = ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap)
-        return max(ret, 0)
+        return _check_extension(self.fd, cap)
 
     def set_user_memory_region_raw(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> tuple[int, int]:
         region = ffi.new(_REGION, (slot, flags, gpa, size, hva))   # field order of the struct
@@ -331,6 +334,15 @@ class Vcpu:
 
     def set_run_bytes(self, offset: int, data: bytes) -> None:
         ffi.buffer(ffi.cast("char *", self._map) + offset, len(data))[:] = data
+
+    def complete_exit(self, timeout: float = 5.0) -> Exit:
+        """KVM_RUN with immediate_exit: KVM finishes the last userspace exit (RIP past the instruction) without
+        entering the guest (api.rst), and answers EINTR."""
+        self.run_struct.immediate_exit = 1
+        try:
+            return self.run(timeout)
+        finally:
+            self.run_struct.immediate_exit = 0
 
     def run(self, timeout: float = 5.0) -> Exit:
         """One KVM_RUN bounded by the watchdog; a timeout shows as Exit.timed_out."""

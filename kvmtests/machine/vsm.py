@@ -169,11 +169,7 @@ def hcall_of(vcpu: Vcpu) -> object | None:
 def complete_now(vcpu: Vcpu, what: str) -> None:
     """Let KVM finish a userspace hypercall exit without entering the guest (immediate_exit, api.rst), so that
     RIP is past the VMCALL before the harness reads or moves the vCPU's state."""
-    vcpu.run_struct.immediate_exit = 1
-    try:
-        ex = vcpu.run(STEP)
-    finally:
-        vcpu.run_struct.immediate_exit = 0
+    ex = vcpu.complete_exit(STEP)
     if not (ex.ret < 0 and ex.errno == errno.EINTR):
         raise HarnessError(f"completing {what} with immediate_exit: {describe(vcpu)}")
 
