@@ -238,10 +238,10 @@ def test_precondition_inside_a_known_deviation(series, request):
 '''
 
 
-def run_gated(pytester, *args: str, workers: str = "0"):
+def run_gated(pytester, *args: str, workers: str = "0", tests: str = GATED_TESTS):
     """The crafted kernel's rows through the plugin in a nested pytest: (its output, tests by name)."""
     pytester.makeconftest(GATED_CONFTEST)
-    pytester.makepyfile(test_gated=GATED_TESTS)
+    pytester.makepyfile(test_gated=tests)
     pytester._monkeypatch.setenv("KVMTESTS_DEV", "/nonexistent-kvm")
     pytester._monkeypatch.setenv("PYTHONPATH", PROJECT)
     result = pytester.runpytest_subprocess("-n", workers, "-rA", "--kvmtests-json", "out.json", "-p", "no:cacheprovider",
@@ -281,6 +281,62 @@ def test_failed_precondition_is_an_error_of_the_providing_group(pytester):
     assert "ERROR test_gated.py::test_row_with_a_failed_precondition" in text
     assert "precondition from rwx_attributes failed: catalog 20: attributes 0x1" in text
     assert "FAILED required" not in text, "nothing required, no gate"
+
+
+# Memory-fault exits whose P09 flags or P11 insn_len are wrong, seen by rows of several groups.
+FIELD_TESTS = '''
+import pytest
+from kvmtests import uapi
+from kvmtests.machine import memfault
+
+pytestmark = pytest.mark.nokvm
+W = uapi.KVM_MEMORY_EXIT_FLAG_WRITE
+RULE = memfault.FaultRule(reported=True, exact=True)   # Intel EPT with P11: byte 56 is the length
+
+
+@pytest.mark.catalog(36)
+def test_attribute_row_sees_a_wrong_insn_len():
+    memfault.check_fault(memfault.Fault(W, 0x1000, 0x1000, 0), 36, "3-byte write to an NW page", W, 0x1000,
+                         RULE.insn_lens(3), RULE)
+
+@pytest.mark.catalog(36)
+def test_attribute_row_sees_wrong_flags():
+    memfault.check_fault(memfault.Fault(uapi.KVM_MEMORY_EXIT_FLAG_EXEC, 0x1000, 0x1000, 3), 36, "write to an NW page",
+                         W, 0x1000, RULE.insn_lens(3), RULE)
+
+@pytest.mark.catalog(36)
+def test_attribute_row_sees_a_wrong_size():
+    memfault.check_fault(memfault.Fault(W, 0x1000, 0, 3), 36, "write to an NW page", W, 0x1000, RULE.insn_lens(3), RULE)
+
+@pytest.mark.catalog(63)
+def test_insn_len_row_sees_a_wrong_insn_len():
+    memfault.check_fault(memfault.Fault(W, 0x1000, 0x1000, 0), 63, "3-byte write", W, 0x1000, RULE.insn_lens(3), RULE)
+
+@pytest.mark.catalog(62)
+def test_flags_row_sees_wrong_flags():
+    memfault.check_fault(memfault.Fault(uapi.KVM_MEMORY_EXIT_FLAG_READ, 0x1000, 0x1000, 3), 62, "write", W, 0x1000,
+                         RULE.insn_lens(3), RULE)
+'''
+
+
+def test_a_wrong_exit_field_counts_under_the_group_that_provides_it(pytester):
+    """A wrong insn_len (P11) or flags (P09) in a row of another group is that group's error, not the row's
+    failure; in a row of the providing group it is a failure counted there alone."""
+    result, tests = run_gated(pytester, tests=FIELD_TESTS)
+    got = {name: (t["outcome"], t["groups"]) for name, t in tests.items()}
+    assert got == {
+        "test_attribute_row_sees_a_wrong_insn_len": ("error", ["fault_insn_len"]),
+        "test_attribute_row_sees_wrong_flags": ("error", ["fault_rwx_flags"]),
+        "test_attribute_row_sees_a_wrong_size": ("failed", ["rwx_attributes"]),
+        "test_insn_len_row_sees_a_wrong_insn_len": ("failed", ["fault_insn_len"]),
+        "test_flags_row_sees_wrong_flags": ("failed", ["fault_rwx_flags"]),
+    }
+    assert tests["test_attribute_row_sees_a_wrong_insn_len"]["message"] == (
+        "precondition from fault_insn_len failed: memory-fault exit field: catalog 36/67: 3-byte write to an NW "
+        "page: insn_len 0x0, expected 0x3 (Intel EPT: the instruction length (63))")
+    assert "flags EXEC, expected WRITE" in tests["test_attribute_row_sees_wrong_flags"]["message"]
+    assert "insn_len 0x0, expected 0x3" in tests["test_insn_len_row_sees_a_wrong_insn_len"]["message"]
+    assert result.ret == 1
 
 
 def test_without_gating_an_absent_group_checks_upstream(pytester):

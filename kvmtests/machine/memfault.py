@@ -124,6 +124,15 @@ class Fault:
                 f"size {self.size:#x} insn_len {self.insn_len}")
 
 
+class FieldMismatch(AssertionError):
+    """A memory-fault exit field that another patch provides is wrong (P09 flags, P11 insn_len): the verdict
+    counts it under that feature group, not under the row that happened to provoke the exit."""
+
+    def __init__(self, group: str, message: str):
+        super().__init__(message)
+        self.group = group
+
+
 @dataclass(frozen=True)
 class FaultRule:
     """What memory_fault.insn_len must hold on the kernel under test (catalog 63-70; 66 U: the sentinel survives)."""
@@ -227,13 +236,15 @@ def check_fault(fault: Fault | None, row: int | str, what: str, flags: int, page
                 insn_lens: frozenset[int], rule: FaultRule | str = "") -> Fault:
     """Every field of a memory-fault exit against the spec (P09 flags, P16 gpa and size, P11 insn_len)."""
     assert fault is not None, f"catalog {row}: expected a memory-fault exit (KVM_RUN -1/EFAULT, exit 39); {what}"
-    assert fault.flags == flags, (f"catalog {row}: {what}: flags {uapi.memory_fault_flag_names(fault.flags)}, "
-                                  f"expected {uapi.memory_fault_flag_names(flags)}")
+    if fault.flags != flags:
+        raise FieldMismatch("fault_rwx_flags", f"catalog {row}: {what}: flags "
+                            f"{uapi.memory_fault_flag_names(fault.flags)}, expected {uapi.memory_fault_flag_names(flags)}")
     assert fault.gpa == page and page % PAGE == 0, \
         f"catalog {row}: {what}: gpa {fault.gpa:#x}, expected the page-aligned GPA {page:#x} (P16)"
     assert fault.size == PAGE, f"catalog {row}/38: {what}: size {fault.size:#x}, expected {PAGE:#x} (one page, P16)"
-    assert fault.insn_len in insn_lens, (f"catalog {row}/67: {what}: insn_len {fault.insn_len:#x}, expected "
-                                         f"{_values(insn_lens)} ({rule})")
+    if fault.insn_len not in insn_lens:
+        raise FieldMismatch("fault_insn_len", f"catalog {row}/67: {what}: insn_len {fault.insn_len:#x}, expected "
+                            f"{_values(insn_lens)} ({rule})")
     return fault
 
 

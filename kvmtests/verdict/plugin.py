@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtests.machine import health
+from kvmtests.machine import health, memfault
 from kvmtests.machine.kvm import Kvm, Unavailable, dev_kvm_path
 
 from . import features, probe
@@ -155,13 +155,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
     reason = item.config.stash.get(_device_skip, None)
     if reason and rep.skipped and isinstance(rep.longrepr, tuple) and rep.longrepr[2] == f"Skipped: {reason}":
         rep.longrepr = (dev_kvm_path(), 0, rep.longrepr[2])  # one line for the whole run, not one per test
-    if call.excinfo is not None and isinstance(call.excinfo.value, PreconditionFailed):
-        failed = call.excinfo.value
-        rep.outcome, rep.longrepr = "failed", str(failed)   # also inside an expected failure: not the ⚠ itself
+    failed = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(failed, memfault.FieldMismatch) and failed.group not in dict(rep.user_properties).get("groups", []):
+        failed = PreconditionFailed(failed.group, "memory-fault exit field", str(failed))
+    if isinstance(failed, (PreconditionFailed, memfault.FieldMismatch)):
+        rep.outcome = "failed"      # also inside an expected failure: not the ⚠ itself
         if hasattr(rep, "wasxfail"):
             del rep.wasxfail
-        rep.user_properties = [p for p in rep.user_properties if p[0] != "groups"] + [
-            ("groups", [failed.group]), ("precondition", failed.group)]
+        blame = [("groups", [failed.group]), ("blame", failed.group)]
+        if isinstance(failed, PreconditionFailed):
+            rep.longrepr = str(failed)
+            blame.append(("precondition", failed.group))
+        rep.user_properties = [p for p in rep.user_properties if p[0] != "groups"] + blame
     return rep
 
 
@@ -181,9 +186,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     entry = _tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": None, "message": "",
                                            "catalog": props.get("catalog", []),
                                            "groups": props.get("groups", []), "duration": 0.0})
+    if report.failed and props.get("blame"):     # counted under the group whose behaviour was wrong
+        entry["groups"] = props["groups"]
     if report.failed and props.get("precondition"):
         new = "error"
-        entry["groups"] = props["groups"]
     elif report.failed and str(report.longrepr).startswith(XPASS_STRICT):
         new = "unexpected-pass"
     else:
