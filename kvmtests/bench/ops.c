@@ -46,37 +46,44 @@ static void read_all(FILE *f, void *buf, size_t len)
 		die("guest image");
 }
 
-/* Build the same VM as the Python side: one memslot at GPA 0, one vCPU with its CPUID and registers. */
-static void load_guest(int kvm, const char *image, int *vm, int *vcpu)
+/* Create vCPU 0 with the registers and CPUID the Python side wrote next in the image. */
+static int create_vcpu_from(FILE *f, int vm)
 {
-	FILE *f = fopen(image, "rb");
-	unsigned long long size;
-	unsigned int nent;
 	struct kvm_regs regs;
 	struct kvm_sregs sregs;
-	if (!f)
-		die(image);
-	read_all(f, &size, 8);
+	unsigned int nent;
 	read_all(f, &regs, sizeof(regs));
 	read_all(f, &sregs, sizeof(sregs));
 	read_all(f, &nent, 4);
 	struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
 	cpuid->nent = nent;
 	read_all(f, cpuid->entries, nent * sizeof(struct kvm_cpuid_entry2));
+	int fd = ioctl(vm, KVM_CREATE_VCPU, 0);
+	if (fd < 0 || ioctl(fd, KVM_SET_CPUID2, cpuid) < 0 || ioctl(fd, KVM_SET_SREGS, &sregs) < 0 ||
+	    ioctl(fd, KVM_SET_REGS, &regs) < 0)
+		die("vCPU setup");
+	free(cpuid);
+	return fd;
+}
+
+/* Build the same VM as the Python side: one memslot at GPA 0, one vCPU with its CPUID and registers. */
+static void load_guest(int kvm, const char *image, int *vm, int *vcpu)
+{
+	FILE *f = fopen(image, "rb");
+	unsigned long long size;
+	if (!f)
+		die(image);
+	read_all(f, &size, 8);
 	void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	read_all(f, mem, size);
-	fclose(f);
 	*vm = ioctl(kvm, KVM_CREATE_VM, 0);
 	if (*vm < 0 || ioctl(*vm, KVM_SET_TSS_ADDR, 0xfffbd000) < 0)
 		die("KVM_CREATE_VM");
 	struct kvm_userspace_memory_region r = { .slot = 0, .memory_size = size, .userspace_addr = (unsigned long)mem };
 	if (ioctl(*vm, KVM_SET_USER_MEMORY_REGION, &r) < 0)
 		die("KVM_SET_USER_MEMORY_REGION");
-	*vcpu = ioctl(*vm, KVM_CREATE_VCPU, 0);
-	if (*vcpu < 0 || ioctl(*vcpu, KVM_SET_CPUID2, cpuid) < 0 || ioctl(*vcpu, KVM_SET_SREGS, &sregs) < 0 ||
-	    ioctl(*vcpu, KVM_SET_REGS, &regs) < 0)
-		die("vCPU setup");
-	free(cpuid);
+	*vcpu = create_vcpu_from(f, *vm);
+	read_all(f, mem, size);
+	fclose(f);
 }
 
 /* ---- VTL switches: the sequence of kvmtests/machine/vsm.py (one VM per VTL over one memory, VTL1's vCPU on
@@ -272,27 +279,16 @@ static void vtl0_step(void)
 
 static void load_vcpu(FILE *f, int vm, struct vcpu *v, long size)
 {
-	struct kvm_regs regs;
-	struct kvm_sregs sregs;
-	unsigned int nent;
 	struct {
 		struct kvm_msrs hdr;
 		struct kvm_msr_entry e;
 	} msr = { .hdr.nmsrs = 1, .e = { .index = 0x40000000, .data = GUEST_OS_ID_LINUX } };
-	read_all(f, &regs, sizeof(regs));
-	read_all(f, &sregs, sizeof(sregs));
-	read_all(f, &nent, 4);
-	struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
-	cpuid->nent = nent;
-	read_all(f, cpuid->entries, nent * sizeof(struct kvm_cpuid_entry2));
-	v->fd = ioctl(vm, KVM_CREATE_VCPU, 0);
-	if (v->fd < 0 || ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0 || ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0 ||
-	    ioctl(v->fd, KVM_SET_REGS, &regs) < 0 || ioctl(v->fd, KVM_SET_MSRS, &msr) != 1)
+	v->fd = create_vcpu_from(f, vm);
+	if (ioctl(v->fd, KVM_SET_MSRS, &msr) != 1)
 		die("VSM vCPU setup");
 	v->run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
 	if (v->run == MAP_FAILED)
 		die("mmap");
-	free(cpuid);
 }
 
 static int by_value(const void *a, const void *b)
