@@ -28,6 +28,16 @@ def test_fault_probe_deviation_is_a_finding(way, flags, gpa, size, byte56, catal
     assert len(found) == 1 and f"probe contradicts catalog {catalog}: {way.what}: {observed}" in found[0], found
 
 
+@pytest.mark.parametrize("way,byte56,catalog", [(features.NW_WRITE, 0, "63"), (features.PRIVATE_READ, 2, "65")])
+def test_fault_probe_length_off_on_intel_ept_is_a_finding(way, byte56, catalog):
+    """Where the CPU reports the length (Intel EPT), P11 writes exactly the probe instruction's 3 bytes."""
+    flags = way.access | way.extra
+    found = features.fault_deviations(way, flags, guest.DATA_GPA, 0x1000, byte56, exact=3)
+    assert len(found) == 1 and f"probe contradicts catalog {catalog}: {way.what}: insn_len {byte56}" in found[0], found
+    assert features.fault_deviations(way, flags, guest.DATA_GPA, 0x1000, 3, exact=3) == ()
+    assert features.fault_deviations(way, flags, guest.DATA_GPA, 0x1000, 0xA5, exact=3) == ()
+
+
 @pytest.mark.parametrize("way,flags,byte56", [(features.NW_WRITE, WRITE, 0), (features.NW_WRITE, 0, 0xA5),
                                               (features.PRIVATE_READ, PRIVATE | READ, 15),
                                               (features.PRIVATE_READ, PRIVATE, 0xA5)])

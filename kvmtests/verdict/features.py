@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kvmtests import hvtlfs, uapi
-from kvmtests.machine import guest, hyperv, tracefs
+from kvmtests.machine import guest, hyperv, memfault, tracefs
 from kvmtests.machine.kvm import Kvm, Unavailable
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
@@ -142,8 +142,10 @@ class FaultSeen:
         return f"{self.what}: {said}" + (f" (fallback: {self.fallback})" if self.fallback else "")
 
 
-def fault_deviations(way: FaultWay, flags: int, gpa: int, size: int, byte56: int) -> tuple[str, ...]:
-    """What in the probe's exit contradicts the spec, whichever of P09/P11 the kernel carries."""
+def fault_deviations(way: FaultWay, flags: int, gpa: int, size: int, byte56: int,
+                     exact: int | None = None) -> tuple[str, ...]:
+    """What in the probe's exit contradicts the spec, whichever of P09/P11 the kernel carries; `exact` is the
+    probe instruction's length where the CPU reports it (Intel EPT, P10), so P11 must write exactly that."""
     names = uapi.memory_fault_flag_names
     out = []
     if flags not in (way.access | way.extra, way.extra):
@@ -158,6 +160,10 @@ def fault_deviations(way: FaultWay, flags: int, gpa: int, size: int, byte56: int
     if byte56 > 15 and byte56 != 0xA5:
         out.append(deviation("fault_insn_len", "67", f"{way.what}: insn_len {byte56}",
                              "at most 15 (P11), or the sentinel 0xa5 kept (upstream)"))
+    elif exact is not None and byte56 not in (exact, 0xA5):
+        out.append(deviation("fault_insn_len", "63" if way is NW_WRITE else "65", f"{way.what}: insn_len {byte56}",
+                             f"{exact}, the instruction's length on Intel EPT (P10/P11), or the sentinel 0xa5 kept "
+                             "(upstream)"))
     return tuple(out)
 
 
@@ -195,7 +201,9 @@ def _fault_exit(m: guest.Machine, way: FaultWay) -> FaultSeen | str:
         return f"{way.what} gave {m.describe()}, not a memory-fault exit"
     mf = m.vcpu.run_struct.x.memory_fault
     byte56 = m.vcpu.run_bytes(56, 1)[0]
-    return FaultSeen(mf.flags, byte56, way.what, deviations=fault_deviations(way, mf.flags, mf.gpa, mf.size, byte56))
+    exact = m.payload.length(f"{way.entry}_insn", f"{way.entry}_end") if memfault.intel_ept() else None
+    return FaultSeen(mf.flags, byte56, way.what,
+                     deviations=fault_deviations(way, mf.flags, mf.gpa, mf.size, byte56, exact))
 
 
 def _fault_flags(kvm: Kvm) -> Detection:
