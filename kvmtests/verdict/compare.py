@@ -9,7 +9,7 @@ from collections import Counter
 from tabulate import tabulate
 
 from . import features
-from .report import CORE, OUTCOMES, cell, ranges
+from .report import CORE, OUTCOMES, cell, group_counts, ranges
 
 BAD = ("failed", "error")
 # category -> heading; the order is the report's
@@ -64,17 +64,9 @@ def _why(cat: str, base: dict | None, cand: dict | None) -> str:
     return lines[0] if lines else ""
 
 
-def _counts(doc: dict) -> dict[str, Counter]:
-    counts: dict[str, Counter] = {}
-    for t in doc["tests"]:
-        for g in t["groups"] or [CORE]:
-            counts.setdefault(g, Counter())[t["outcome"]] += 1
-    return counts
-
-
 def _groups(base: dict, cand: dict) -> list[dict]:
     """Per feature group: detection and outcome counts on both sides, and what changed."""
-    bc, cc = _counts(base), _counts(cand)
+    bc, cc = group_counts(base), group_counts(cand)
     out = []
     for g in [*features.GROUPS, CORE]:
         b = base["features"].get(g, {"state": "-", "how": ""})

@@ -6,7 +6,7 @@ from collections import Counter
 from tabulate import tabulate
 
 from . import features
-from .report import CORE, cell, required_absent
+from .report import CORE, cell, group_counts, required_absent
 
 IDENTITY = (("kernel", "kernel"), ("cpu", "cpu vendor"), ("environment", "environment"),
             ("command line", "command line"))
@@ -15,11 +15,7 @@ LEGEND = ("cells: detected state, then pass/fail/skip/known-deviation counts (+ 
 
 
 def _counts(doc: dict) -> tuple[dict[str, Counter], Counter]:
-    per: dict[str, Counter] = {}
-    for t in doc["tests"]:
-        for g in t["groups"] or [CORE]:
-            per.setdefault(g, Counter())[t["outcome"]] += 1
-    return per, Counter(t["outcome"] for t in doc["tests"])
+    return group_counts(doc), Counter(t["outcome"] for t in doc["tests"])
 
 
 def column(doc: dict) -> list[str]:

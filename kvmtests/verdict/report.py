@@ -84,13 +84,19 @@ def ranges(numbers: list[int]) -> str:
     return ", ".join(out) or "none"
 
 
-def render(doc: dict) -> str:
-    """The summary table printed after pytest's own output."""
-    parts = [tabulate(list(doc["host"].items()), tablefmt="plain")]
+def group_counts(doc: dict) -> dict[str, Counter]:
+    """Outcomes per feature group (a test counts in each of its groups; one without a group in core)."""
     counts: dict[str, Counter] = {}
     for t in doc["tests"]:
         for g in t["groups"] or [CORE]:
             counts.setdefault(g, Counter())[t["outcome"]] += 1
+    return counts
+
+
+def render(doc: dict) -> str:
+    """The summary table printed after pytest's own output."""
+    parts = [tabulate(list(doc["host"].items()), tablefmt="plain")]
+    counts = group_counts(doc)
     rows = []
     for key, group in features.GROUPS.items():
         det = doc["features"].get(key, {"state": "-", "how": ""})
