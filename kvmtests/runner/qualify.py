@@ -189,6 +189,7 @@ class Cell:
     append: str
     results: Path
     boot_timeout: float
+    busybox: Path
 
 
 def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir: Path | None) -> int:
@@ -206,15 +207,15 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
             needed = "KVM is" if under_bochs else "virtio-pci, 9p, overlayfs and KVM are"
             print(f"qualify: note: no lib/modules/{release or '<release>'} beside {image}: assuming {needed} "
                   "built in (else pass --modules DIR)", flush=True)
-        (bochs.find_tools if under_bochs else qemu.find_qemu)()
-        initramfs.find_busybox()
+        tool = bochs.find_tools() if under_bochs else qemu.find_qemu()   # missing tools fail before any work
+        busybox = initramfs.find_busybox()
         results = Path(results_dir or args.results or Path("kvmtests-results") / (release or image.name)).resolve()
         results.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:
             (results / name).unlink(missing_ok=True)
         boot = _boot_bochs if under_bochs else _boot_qemu
         with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
-            run = boot(args, Cell(image, release, modules, append, results, boot_timeout), Path(tmp))
+            run = boot(args, Cell(image, release, modules, append, results, boot_timeout, busybox), Path(tmp), tool)
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -224,22 +225,21 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
     return report(results, run, boot_timeout, args.timeout, emulator)
 
 
-def _initramfs(out: Path, modules: Path | None, plan: initramfs.GuestPlan) -> None:
+def _initramfs(out: Path, cell: Cell, plan: initramfs.GuestPlan) -> None:
     """Build the initramfs, noting the vendor modules the guest will not have."""
-    for absent in initramfs.build(out, initramfs.find_busybox(), modules, plan):
-        print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
+    for absent in initramfs.build(out, cell.busybox, cell.modules, plan):
+        print(f"qualify: note: {cell.modules} has no {absent}; the guest will not load it")
 
 
-def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path) -> console.RunResult:
+def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path, binary: str) -> console.RunResult:
     """Boot under QEMU with the host's root shared over 9p (tmpfs overlay) and the results directory writable."""
-    binary = qemu.find_qemu()
     accel = choose_accel(args.accel)
     cpu = qemu_cpu(args.cpu, accel)
     plan = initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(cell.results, pytest_args(args.pytest_args), args.require),
         env=guest_env(accel, os.environ), results_dir=cell.results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
     initrd = tmp / "initramfs.cpio.gz"
-    _initramfs(initrd, cell.modules, plan)
+    _initramfs(initrd, cell, plan)
     cfg = qemu.MachineConfig(
         kernel=cell.image, initrd=initrd, append=kernel_cmdline(accel, cell.append), accel=accel, cpu=cpu,
         mem=args.mem, smp=args.smp,
@@ -250,17 +250,16 @@ def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path) -> console.RunRe
                                cell.boot_timeout, suite_echo())
 
 
-def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path) -> console.RunResult:
+def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.BochsTools) -> console.RunResult:
     """Boot under Bochs (Intel VMX with EPT) from a CD image whose initramfs holds everything the suite runs
     with; the results come back over the serial console."""
-    tools = bochs.find_tools()
     mem = bochs.memory_mb(args.mem)
     plan = initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(GUEST_RESULTS, pytest_args(args.pytest_args), args.require),
         env=guest_env("bochs", os.environ), results_dir=GUEST_RESULTS, root_tag="", results_tag="",
         host_files=tuple(rootfs.collect(PROJECT_DIR)))
     initrd, iso = tmp / "initramfs.cpio", tmp / "boot.iso"
-    _initramfs(initrd, cell.modules, plan)
+    _initramfs(initrd, cell, plan)
     append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {cell.append}")
     bochs.make_iso(iso, cell.image, initrd, append, tools)
     cfg = bochs.MachineConfig(iso=iso, log=cell.results / "bochs.log", mem_mb=mem, cpus=args.smp)
