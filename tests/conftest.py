@@ -56,3 +56,19 @@ class Deviation:
 def known_deviation(request: pytest.FixtureRequest) -> Callable[[str], Deviation]:
     """Make a Deviation for this row from its warning text."""
     return lambda reason: Deviation(request, reason)
+
+
+class MarkerRecorder:
+    """Stands in for pytest's request: records the markers a row applies to itself."""
+
+    def __init__(self) -> None:
+        self.markers: list = []
+
+    def applymarker(self, marker: object) -> None:
+        self.markers.append(marker)
+
+
+@pytest.fixture
+def marker_recorder() -> MarkerRecorder:
+    """For self-tests of the helpers that mark a row as a known deviation."""
+    return MarkerRecorder()

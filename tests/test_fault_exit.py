@@ -494,25 +494,15 @@ def test_insn_len_capability_unnamed_on_a_pre_fault_kernel_skips_with_the_option
     test_insn_len_capability(FakeFd({236: 1}), FakeFd({236: 1}), FakeSeries(True), {})
 
 
-class _Request:
-    """Stands in for pytest's request: records the markers a test applies to itself."""
-
-    def __init__(self) -> None:
-        self.markers: list = []
-
-    def applymarker(self, marker: object) -> None:
-        self.markers.append(marker)
-
-
 @pytest.mark.selftest
 @pytest.mark.parametrize("tdp,mmu,deviation", [(True, False, True), (True, True, False), (False, False, False),
                                                (True, None, False), (None, False, False)],
                          ids=["tdp-legacy-mmu", "tdp-mmu", "shadow-paging", "no-tdp_mmu-parameter", "tdp-unknown"])
-def test_legacy_mmu_rows_are_known_deviations_only_there(monkeypatch, tdp, mmu, deviation):
+def test_legacy_mmu_rows_are_known_deviations_only_there(monkeypatch, marker_recorder, tdp, mmu, deviation):
     """Rows 51/54/55/58 turn into strict expected failures with TDP on the legacy MMU, and only there."""
     monkeypatch.setattr(memfault, "tdp", lambda: tdp)
     monkeypatch.setattr(host, "tdp_mmu", lambda: mmu)
-    request = _Request()
+    request = marker_recorder
     expect_legacy_mmu_deviation(request, 54)
     if not deviation:
         assert request.markers == []

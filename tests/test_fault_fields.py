@@ -86,19 +86,9 @@ def test_prober_outcomes_carry_the_rule(monkeypatch):
         memfault.expect_fault(out, WRITE, PAGE_A, 58)
 
 
-class _Request:
-    """Stands in for pytest's request: records the markers a row applies to itself."""
-
-    def __init__(self) -> None:
-        self.markers: list = []
-
-    def applymarker(self, marker: object) -> None:
-        self.markers.append(marker)
-
-
-def test_known_deviation_seen_and_gone(known_deviation):
+def test_known_deviation_seen_and_gone(known_deviation, marker_recorder):
     """Seen: strict xfail on v1's text alone. Gone: the unexpected pass says what the kernel does now."""
-    request = _Request()
+    request = marker_recorder
     deviation = type(known_deviation("x"))(request, "catalog 116 (known v1 deviation): exits to userspace")
     with pytest.raises(hyperv.KnownDeviation, match="exit KVM_EXIT_HYPERV"):
         deviation.seen("catalog 116: exit KVM_EXIT_HYPERV/HCALL input 0xb")

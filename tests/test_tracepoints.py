@@ -3,7 +3,7 @@ record only this test's thread: one prints every field's raw value (options/fiel
 event's own print format, and each record must agree with the spec in both."""
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -53,23 +53,25 @@ class Trace:
         self.raw.clear()
         self.printed.clear()
 
-    def set_events(self) -> list[dict[str, int]]:
-        got = [{k: e.get(k) for k, *_ in SET_FIELDS} for e in self.raw.field_records(SET_NAME)]
-        shown = [f"gfn {e['start']:#x}, cnt {e['cnt']:#x}, attributes {e['attributes']:#x}" for e in got]
-        printed = self.printed.records(SET_NAME)
-        assert all(SET_PRINT.search(p) for p in printed) and printed == shown, (
-            f"catalog 72: {SET_NAME} printed {printed}, expected {shown} (print format of its fields {got})")
+    def events(self, name: str, fields: list, pattern: re.Pattern, row: int,
+               show: Callable[[dict[str, int]], str]) -> list[dict[str, int]]:
+        """Every field of each `name` record read raw, after checking the printed records say the same."""
+        got = [{k: e.get(k) for k, *_ in fields} for e in self.raw.field_records(name)]
+        shown = [show(e) for e in got]
+        printed = self.printed.records(name)
+        assert all(pattern.search(p) for p in printed) and printed == shown, (
+            f"catalog {row}: {name} printed {printed}, expected {shown} (print format of its fields {got})")
         return got
+
+    def set_events(self) -> list[dict[str, int]]:
+        return self.events(SET_NAME, SET_FIELDS, SET_PRINT, 72,
+                           lambda e: f"gfn {e['start']:#x}, cnt {e['cnt']:#x}, attributes {e['attributes']:#x}")
 
     def faultin_events(self) -> list[dict[str, int]]:
-        got = [{k: e.get(k) for k, *_ in FAULTIN_FIELDS} for e in self.raw.field_records(FAULTIN_NAME)]
-        shown = [f"vcpu {e['vcpu_id']} rip {e['guest_rip']:#x} gfn 0x{e['fault_address']:016x} access "
-                 f"{'X' if e['exec'] else 'W' if e['write'] else 'R'} mem_attrs {e['mem_attrs']:#x}" for e in got]
-        printed = self.printed.records(FAULTIN_NAME)
-        assert all(FAULTIN_PRINT.search(p) for p in printed) and printed == shown, (
-            f"catalog 77: {FAULTIN_NAME} printed {printed}, expected {shown} (print format of its fields {got})")
-        return got
-
+        return self.events(FAULTIN_NAME, FAULTIN_FIELDS, FAULTIN_PRINT, 77,
+                           lambda e: f"vcpu {e['vcpu_id']} rip {e['guest_rip']:#x} gfn 0x{e['fault_address']:016x} "
+                                     f"access {'X' if e['exec'] else 'W' if e['write'] else 'R'} "
+                                     f"mem_attrs {e['mem_attrs']:#x}")
 
 @pytest.fixture
 def trace(series) -> Iterator[Trace]:
