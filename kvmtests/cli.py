@@ -21,17 +21,17 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    """One file: its summary (and KCIDB); several: the matrix. Exit 1 when any run failed."""
+    """One file: its summary (and KCIDB, JUnit); several: the matrix. Exit 1 when any run failed."""
     import json
 
-    from .verdict import matrix, report
+    from .verdict import junit, matrix, report
     try:
         docs = [report.load(f) for f in args.files]
     except report.NotResults as e:
         print(f"kvmtests report: {e}", file=sys.stderr)
         return 2
-    if args.kcidb and len(docs) > 1:
-        print("kvmtests report: --kcidb exports one run: pass one file with it", file=sys.stderr)
+    if (args.kcidb or args.junit) and len(docs) > 1:
+        print("kvmtests report: --kcidb and --junit export one run: pass one file with them", file=sys.stderr)
         return 2
     if len(docs) == 1 and not args.markdown:
         print(report.render(docs[0]))
@@ -41,11 +41,15 @@ def _report(args: argparse.Namespace) -> int:
         with open(args.kcidb, "w") as f:
             json.dump(report.kcidb(docs[0]), f, indent=1)
         print(f"KCIDB data written to {args.kcidb}")
+    if args.junit:
+        with open(args.junit, "w") as f:
+            f.write(junit.junit(docs[0]))
+        print(f"JUnit XML written to {args.junit}")
     return 1 if any(d["exitstatus"] for d in docs) else 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    """Exit 1 on a regression or a lost feature group, 2 on bad input (one line), else 0."""
+    """Exit 1 on a crash, a regression or a lost feature group, 2 on bad input (one line), else 0."""
     import json
 
     from .verdict import compare, report
@@ -73,12 +77,16 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("files", nargs="+", metavar="FILE")
     rp.add_argument("--markdown", action="store_true", help="the matrix as a Markdown table (the README's)")
     rp.add_argument("--kcidb", metavar="OUT", help="also write the run as KernelCI KCIDB JSON (one file)")
+    rp.add_argument("--junit", metavar="OUT", help="also write the run as JUnit XML (one file; crashes and blocked "
+                                                   "tests included)")
     rp.set_defaults(func=_report)
     cp = sub.add_parser("compare", help="what changed from a baseline run to a candidate: per test, catalog row and "
-                                        "feature group; exit 1 on a regression or a lost group",
+                                        "feature group; exit 1 on a crash, a regression or a lost group",
                         description="Compare two saved runs (--kvmtests-json or qualify's results.json) by test id. "
-                                    "Exit 1 when a test fails in the candidate but not in the base or a feature "
-                                    "group present in the base is not in the candidate; 2 on bad input; else 0.")
+                                    "Exit 1 when the candidate's kernel crashed where the base's did not (a test "
+                                    "crashed or was blocked by a crash, or a new crash title), a test fails in the "
+                                    "candidate but not in the base, or a feature group present in the base is not in "
+                                    "the candidate; 2 on bad input; else 0.")
     cp.add_argument("base", metavar="BASE.json")
     cp.add_argument("candidate", metavar="CANDIDATE.json")
     cp.add_argument("--json", action="store_true", help="the comparison as JSON (the verdict in its 'verdict' key)")

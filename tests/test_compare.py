@@ -64,6 +64,62 @@ def sw_protected() -> dict:
     return run("6.12.95", [dict(t, outcome="passed", message="") if t["outcome"] == "skipped" else t for t in STOCK])
 
 
+TITLE = "BUG: kernel NULL pointer dereference in kvm_hv_hypercall"
+VTL_CALL = "tests/test_hv_hcalls.py::test_vtl_call_completes_in_kernel"
+NW = "tests/test_mem_attributes.py::test_nw_rejected_on_default_vm"
+
+
+def crash(title: str, during: str, boot: int = 1) -> dict:
+    return {"title": title, "kind": "oops", "during": during, "groups": ["vsm_hcalls"], "boot": boot, "fatal": True,
+            "log": [f"[    3.141592] {title}"]}
+
+
+def crashed() -> dict:
+    """The stock run whose VTL call oopsed the kernel, the NW row after it blocked; resumed on a second boot."""
+    doc = stock()
+    for t in doc["tests"]:
+        if t["nodeid"] == VTL_CALL:
+            t.update(outcome="crashed", message=TITLE, log=crash(TITLE, VTL_CALL)["log"],
+                     crash={"title": TITLE, "kind": "oops", "boot": 1})
+        elif t["nodeid"] == NW:
+            t.update(outcome="blocked", blocked_by=TITLE,
+                     message=f"not run: the kernel crashed on the path of vsm_hcalls (in {VTL_CALL}: {TITLE})")
+    return doc | {"exitstatus": 1, "boots": 2, "crashes": [crash(TITLE, VTL_CALL)]}
+
+
+def test_a_crashed_candidate_against_a_clean_base_exits_1_with_the_crash_first():
+    doc = compare.compare(stock(), crashed(), "stock.json", "crashed.json")
+    assert doc["exit"] == 1
+    assert doc["verdict"] == f"compare: REGRESSION: kernel crashed ({TITLE}): 1 test crashed, 1 blocked"
+    assert (doc["catalog rows"]["crashed"], doc["catalog rows"]["blocked"]) == ([9], [16])
+    assert doc["crashes"] == {"new": [TITLE], "vanished": []}
+    assert compare.render(doc) == (GOLDEN / "compare_crashed.txt").read_text().rstrip("\n")
+
+
+def test_a_crash_gone_from_the_candidate_is_fixed_and_its_blocked_rows_start_running():
+    doc = compare.compare(crashed(), stock())
+    assert doc["exit"] == 0 and doc["crashes"] == {"new": [], "vanished": [TITLE]}
+    assert [t["nodeid"] for t in doc["tests"]["fixed"]] == [VTL_CALL]
+    assert [(t["nodeid"], t["base"]) for t in doc["tests"]["started"]] == [(NW, "blocked")]
+    assert f"vanished crash: {TITLE}" in compare.render(doc)
+
+
+def test_a_new_crash_between_tests_alone_exits_1_and_one_in_both_runs_does_not():
+    title = "INFO: task hung in kvm_vcpu_ioctl"
+    cand = stock() | {"crashes": [crash(title, "between tests")]}
+    doc = compare.compare(stock(), cand)
+    assert doc["exit"] == 1 and doc["verdict"] == f"compare: REGRESSION: kernel crashed ({title})"
+    assert f"new crash: {title}" in compare.render(doc)
+    assert compare.compare(cand, cand)["exit"] == 0
+
+
+def test_an_incomplete_run_says_why_under_its_identity():
+    doc = compare.compare(stock(), crashed() | {"incomplete": "the kernel crashed 2 times: more than --max-resumes 1"})
+    assert doc["candidate"]["incomplete"] and not doc["base"]["incomplete"]
+    assert compare.render(doc).splitlines()[2] == ("candidate run INCOMPLETE: the kernel crashed 2 times: more than "
+                                                   "--max-resumes 1")
+
+
 def test_rows_that_start_running_are_listed_and_exit_0():
     doc = compare.compare(stock(), sw_protected(), "stock.json", "sw.json")
     assert doc["exit"] == 0
@@ -110,6 +166,7 @@ def test_every_kind_of_change_matches_golden_file():
     ], {"hv_exits": features.PRESENT}, ["partial series: new"], command_line="kvm.tdp_mmu=N")
     doc = compare.compare(base, cand, "base.json", "cand.json")
     assert {cat: [t["nodeid"].split("::")[1] for t in items] for cat, items in doc["tests"].items()} == {
+        "crashed": [], "blocked": [],
         "regression": ["test_new_fail", "test_reg"], "fixed": ["test_fix"], "unexpected-pass": ["test_dev"],
         "started": [], "stopped": ["test_stop"], "only-base": ["test_gone"], "only-candidate": ["test_new"]}
     assert [g["group"] for g in doc["groups"] if g["change"] == "lost"] == ["rwx_attributes"]
@@ -126,9 +183,21 @@ def test_every_kind_of_change_matches_golden_file():
     ("unexpected-pass", "known-deviation", None),
     ("skipped", "failed", "regression"),
     ("error", "skipped", "stopped"),
+    ("passed", "crashed", "crashed"),
+    ("failed", "crashed", "crashed"),
+    (None, "crashed", "crashed"),
+    ("crashed", "crashed", None),
+    ("crashed", "passed", "fixed"),
+    ("crashed", "skipped", "stopped"),
+    ("passed", "blocked", "blocked"),
+    (None, "blocked", "blocked"),
+    ("blocked", "blocked", None),
+    ("blocked", "passed", "started"),
+    ("blocked", "skipped", None),
+    ("blocked", "failed", "regression"),
 ])
 def test_one_test_change(base, cand, expected):
-    assert compare.category(test("t", base, [1], []), test("t", cand, [1], [])) == expected
+    assert compare.category(base and test("t", base, [1], []), test("t", cand, [1], [])) == expected
 
 
 def test_an_unexpected_pass_in_a_file_from_before_its_own_outcome():
@@ -160,6 +229,10 @@ def test_compare_command_text_and_json(tmp_path):
     assert out.returncode == 0 and out.stdout.splitlines()[-1].startswith("compare: no regression")
     out = cli("compare", "--json", base, cand)
     assert out.returncode == 0 and json.loads(out.stdout)["catalog rows"]["started"] == [7, 32, 59, 60, 61, 66]
+    out = cli("compare", "--json", base, write(tmp_path / "c.json", crashed()))
+    doc = json.loads(out.stdout)
+    assert out.returncode == doc["exit"] == 1 and doc["tests"]["crashed"][0]["why"] == TITLE
+    assert next(g for g in doc["groups"] if g["group"] == "vsm_hcalls")["candidate"]["counts"]["crashed"] == 1
 
 
 @pytest.mark.parametrize("setup,expected", [
@@ -194,6 +267,15 @@ def matrix_runs() -> list[dict]:
 
 def test_matrix_matches_golden_file():
     assert matrix.render(matrix_runs()) == (GOLDEN / "matrix.txt").read_text().rstrip("\n")
+
+
+def test_matrix_counts_crashes_and_boots_and_names_each_crash_below():
+    why = "the kernel crashed 2 times: more than --max-resumes 1; 3 tests did not run"
+    text = matrix.render([stock(), crashed() | {"incomplete": why}])
+    lines = text.splitlines()
+    assert next(x for x in lines if x.startswith("vsm_hcalls")).endswith("absent 0/0/0/0 +1 crash")
+    assert next(x for x in lines if x.startswith("total")).endswith("exit 1, crashed, 2 boots 1/0/6/0 +1 crash +1 blocked")
+    assert lines[-2:] == [f"#2: CRASH: {TITLE}", f"#2: INCOMPLETE: {why}"]
 
 
 def test_matrix_markdown_is_one_table_with_findings_as_a_list():

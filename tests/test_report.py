@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import kcidb_io
@@ -10,7 +11,7 @@ import pytest
 import kvmtests
 
 from kvmtests.machine import host, hyperv, tracefs
-from kvmtests.verdict import features, report
+from kvmtests.verdict import features, junit, report
 from kvmtests.verdict.features import Detection
 
 pytestmark = pytest.mark.selftest
@@ -20,11 +21,15 @@ HOST = {"kernel": "6.12.0-test", "kvm device": "/dev/kvm", "cpu vendor": "Authen
         "vendor module": "kvm_amd", "tdp": "on (kvm_amd.npt=Y)", "environment": "QEMU/TCG (kvmtests qualify)"}
 
 
-def sample_doc(required: list[str] = ()) -> dict:
+def sample_detections() -> dict[str, Detection]:
     detections = {k: Detection(k, features.ABSENT, f"probe for {k}") for k in features.GROUPS}
     detections["rwx_attributes"] = Detection("rwx_attributes", features.PRESENT, "NW accepted")
     detections["vtl_ipi"] = Detection("vtl_ipi", features.UNKNOWN, "kernel lacks KVM_CAP_HYPERV")
-    tests = [
+    return detections
+
+
+def sample_tests() -> list[dict]:
+    return [
         {"nodeid": "tests/test_a.py::test_nw[16]", "outcome": "passed", "message": "", "catalog": [16],
          "groups": ["rwx_attributes"], "duration": 0.01},
         {"nodeid": "tests/test_a.py::test_wr", "outcome": "known-deviation", "message": "v1 keeps a writable SPTE",
@@ -39,11 +44,73 @@ def sample_doc(required: list[str] = ()) -> dict:
          "message": "unexpected pass: the row behaved as documented, so this known deviation did not reproduce: "
                     "catalog 116", "groups": ["vtl_ipi"], "duration": 0.0},
     ]
-    return report.build(HOST, detections, ["partial series: present rwx_attributes"], list(required), tests, 1)
+
+
+def sample_doc(required: list[str] = ()) -> dict:
+    return report.build(HOST, sample_detections(), ["partial series: present rwx_attributes"], list(required),
+                        sample_tests(), 1)
+
+
+TITLE = "BUG: kernel NULL pointer dereference in kvm_hv_hypercall"
+HC = "tests/test_b.py::test_hc[0x50]"
+CRASH_LOG = ["[   12.345678] BUG: kernel NULL pointer dereference, address: 0000000000000008",
+             "[   12.345690] #PF: supervisor read access in kernel mode",
+             "[   12.345701] RIP: 0010:kvm_hv_hypercall+0x1a2/0x6c0 [kvm]",
+             "[   12.345712] Call Trace:",
+             "[   12.345730]  kvm_emulate_hypercall+0x3c/0x60 [kvm]",
+             "\x1b[0m\x00"]                     # a console's escape sequence and a NUL byte
+
+
+def crashed_doc() -> dict:
+    """The sample run whose hypercall row oopsed the kernel (boot 1), hv_exits' next row blocked by it, vsm_hcalls'
+    probe crashing it on boot 2 and a hung task on boot 3, after which the runner gave up."""
+    detections = sample_detections() | {"vsm_hcalls": Detection(
+        "vsm_hcalls", "crashed", "its detection probe crashed the kernel on an earlier boot: kernel BUG in "
+                                 "kvm_hv_vtl_return")}
+    crash = {"title": TITLE, "kind": "oops", "boot": 1}
+    blocked = {"nodeid": "tests/test_b.py::test_hc[0x51]", "outcome": "blocked", "catalog": [82],
+               "groups": ["hv_exits"], "blocked_by": TITLE,
+               "message": f"not run: the kernel crashed on the path of hv_exits (in {HC}: {TITLE})"}
+    tests = [dict(t, outcome="crashed", message=TITLE, log=CRASH_LOG, crash=crash) if t["nodeid"] == HC else t
+             for t in sample_tests()] + [blocked]
+    doc = report.build(HOST, detections, ["partial series: present rwx_attributes"], [], tests, 1)
+    return doc | {"boots": 3, "incomplete": "the kernel crashed 3 times: more than --max-resumes 2; 1 test did not run",
+                  "crashes": [
+        dict(crash, during=HC, groups=["hv_exits", "vsm_hcalls"], fatal=True, log=CRASH_LOG),
+        {"title": "kernel BUG in kvm_hv_vtl_return", "kind": "oops", "during": "detection of vsm_hcalls",
+         "groups": ["vsm_hcalls"], "boot": 2, "fatal": True, "log": ["kernel BUG at arch/x86/kvm/hyperv.c:2911!"]},
+        {"title": "INFO: task hung in kvm_vcpu_ioctl", "kind": "hung-task", "during": "between tests", "groups": [],
+         "boot": 3, "fatal": True, "log": ["INFO: task python3:812 blocked for more than 120 seconds."]}]}
 
 
 def test_summary_matches_golden_file():
     assert report.render(sample_doc()) == (GOLDEN / "summary.txt").read_text().rstrip("\n")
+
+
+def test_crashed_run_summary_matches_golden_file():
+    """Crashed and blocked columns, the crashed probe's state, then boots, each crash and why the run ended early."""
+    assert report.render(crashed_doc()) == (GOLDEN / "crashed_summary.txt").read_text().rstrip("\n")
+
+
+@pytest.mark.parametrize("phases,expected", [
+    (["passed", "crashed"], "crashed"),
+    (["failed", "crashed"], "crashed"),
+    (["crashed", "error"], "crashed"),
+    (["blocked", "passed"], "blocked"),
+    (["error", "blocked"], "error"),
+    (["blocked", "failed"], "failed"),
+])
+def test_a_crash_outranks_every_outcome(phases, expected):
+    merged = None
+    for outcome in phases:
+        merged = report.merge(merged, outcome)
+    assert merged == expected
+
+
+def test_cell_counts_crashes_and_blocked_tests_only_when_there_are_any():
+    assert report.cell("present", {o: 0 for o in report.OUTCOMES}) == "present 0/0/0/0"
+    counts = {o: 0 for o in report.OUTCOMES} | {"passed": 2, "error": 1, "crashed": 1, "blocked": 3}
+    assert report.cell("present", counts) == "present 2/0/0/0 +1 err +1 crash +3 blocked"
 
 
 def test_coverage_lists_numbers_without_a_test():
@@ -71,14 +138,62 @@ def test_kcidb_export_validates_against_the_schema():
     assert report.kcidb_path("tests/test_b.py::test_hc[0x50]") == "kvmtests.test_b.test_hc.0x50"
 
 
+def test_kcidb_export_of_a_crashed_run_validates_against_the_schema():
+    doc = crashed_doc()
+    data = report.kcidb(doc)
+    kcidb_io.schema.LATEST.validate(data)
+    tests = {t["misc"]["nodeid"]: t for t in data["tests"]}
+    crashed, blocked = tests[HC], tests["tests/test_b.py::test_hc[0x51]"]
+    assert crashed["status"] == "FAIL" and crashed["log_excerpt"].startswith(TITLE + "\n" + CRASH_LOG[0])
+    assert "\0" not in crashed["log_excerpt"] and crashed["misc"]["crash"]["kind"] == "oops"
+    assert (blocked["status"], blocked["comment"]) == ("MISS", f"not run: the kernel crashed on the path of hv_exits "
+                                                                f"(in {HC}: {TITLE})")
+    assert "log_excerpt" not in blocked and blocked["misc"]["blocked_by"] == TITLE
+    assert data["checkouts"][0]["misc"]["boots"] == 3
+    next(t for t in doc["tests"] if t["nodeid"] == HC)["log"] = ["x" * 99] * 1000
+    long = report.kcidb(doc)
+    kcidb_io.schema.LATEST.validate(long)
+    assert len(next(t for t in long["tests"] if t["misc"]["nodeid"] == HC)["log_excerpt"]) == report.KCIDB_EXCERPT
+
+
+def test_junit_of_a_crashed_run_parses_with_counts_that_match():
+    root = ET.fromstring(junit.junit(crashed_doc()))
+    suite = root.find("testsuite")
+    cases = {f"{c.get('classname')}::{c.get('name')}": c for c in suite.iter("testcase")}
+    assert {k: suite.get(k) for k in ("tests", "failures", "errors", "skipped")} == {
+        "tests": "7", "failures": "2", "errors": "0", "skipped": "3"}, "crash and xpass fail; skip, known, blocked"
+    assert len(cases) == 7 and sum(len(c) for c in cases.values()) == 5, "a pass has no child"
+    crash = cases["tests.test_b::test_hc[0x50]"].find("failure")
+    assert (crash.get("type"), crash.get("message")) == ("crashed", TITLE)
+    assert crash.text.splitlines()[0] == CRASH_LOG[0] and crash.text.endswith("#x1B[0m#x00"), "XML 1.0 can't hold those"
+    blocked = cases["tests.test_b::test_hc[0x51]"].find("skipped")
+    assert blocked.get("type") == "blocked" and blocked.get("message").startswith("not run: the kernel crashed")
+    assert cases["tests.test_d::test_slow_ipi"].find("failure").get("type") == "unexpected-pass"
+    assert cases["tests.test_a::test_wr"].find("skipped").get("type") == "pytest.xfail"
+    props = [(p.get("name"), p.get("value")) for p in suite.iter("property")]
+    assert ("boots", "3") in props and ("kernel", "6.12.0-test") in props
+    assert [v for n, v in props if n == "crash"][2] == "CRASH between tests (boot 3, hung-task, fatal): INFO: task " \
+                                                        "hung in kvm_vcpu_ioctl"
+    assert props[-1] == ("incomplete", crashed_doc()["incomplete"])
+
+
+@pytest.mark.parametrize("nodeid", ["tests/test_a.py::test_nw[16]", "tests/sub/test_x.py::TestC::test_y[a/b::c.py]",
+                                    "test_gated.py::test_row"])
+def test_junit_names_a_test_as_pytests_junitxml_does(nodeid):
+    from _pytest.junitxml import mangle_test_address
+    names = mangle_test_address(nodeid)
+    assert junit.names(nodeid) == (".".join(names[:-1]), names[-1])
+
+
 def test_report_command_rerenders_a_saved_run(tmp_path):
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps(sample_doc()))
     out = subprocess.run([sys.executable, "-m", "kvmtests.cli", "report", str(saved), "--kcidb",
-                          str(tmp_path / "k.json")], capture_output=True, text=True)
+                          str(tmp_path / "k.json"), "--junit", str(tmp_path / "j.xml")], capture_output=True, text=True)
     assert out.returncode == 1, "the saved run failed, so does its re-rendering"
     assert (GOLDEN / "summary.txt").read_text().rstrip("\n") in out.stdout
     kcidb_io.schema.LATEST.validate(json.loads((tmp_path / "k.json").read_text()))
+    assert ET.parse(tmp_path / "j.xml").getroot().find("testsuite").get("failures") == "2", "failed and xpass"
 
 
 def test_report_command_on_a_bad_file_says_what_to_do(tmp_path):

@@ -9,11 +9,15 @@ from collections import Counter
 from tabulate import tabulate
 
 from . import features
-from .report import CORE, OUTCOMES, cell, group_counts, ranges
+from .report import CORE, OUTCOMES, cell, crash_titles, group_counts, ranges
 
-BAD = ("failed", "error")
+BAD = ("failed", "error", "crashed")
+NOT_RUN = ("skipped", "blocked")
+CRASH = ("crashed", "blocked")
 # category -> heading; the order is the report's
 CATEGORIES = {
+    "crashed": "crashed: the candidate's kernel crashed in these tests",
+    "blocked": "blocked: not run in the candidate, the kernel crashed on their feature group's path",
     "regression": "regressions: failed in the candidate, not in the base",
     "fixed": "fixed: failed in the base, passes in the candidate",
     "unexpected-pass": "known deviation -> unexpected pass: the catalog's warning item no longer reproduces",
@@ -39,20 +43,22 @@ def _xpass(test: dict) -> bool:
 
 def category(base: dict | None, cand: dict | None) -> str | None:
     """How one test changed; None when it did not in a way the comparison reports."""
-    if base is None:
-        return "regression" if cand["outcome"] in BAD and not _xpass(cand) else "only-candidate"
     if cand is None:
         return "only-base"
-    b, c = base["outcome"], cand["outcome"]
+    b, c = base and base["outcome"], cand["outcome"]
+    if c in CRASH and b != c:
+        return c
+    if base is None:
+        return "regression" if c in BAD and not _xpass(cand) else "only-candidate"
     if (_xpass(cand) and not _xpass(base)) or (b == "known-deviation" and c == "passed"):
         return "unexpected-pass"
     if c in BAD and b not in BAD:
         return "regression"
     if b in BAD and c not in BAD and c != "skipped":
         return "fixed"
-    if b == "skipped" and c != "skipped":
+    if b in NOT_RUN and c not in NOT_RUN:
         return "started"
-    if b != "skipped" and c == "skipped":
+    if b not in NOT_RUN and c == "skipped":
         return "stopped"
     return None
 
@@ -100,30 +106,57 @@ def compare(base: dict, cand: dict, base_name: str = "base", cand_name: str = "c
                                "base": b["outcome"] if b else None, "candidate": c["outcome"] if c else None,
                                "why": _why(cat, b, c)})
     rows = {cat: sorted({n for t in tests[cat] for n in t["catalog"]})
-            for cat in ("regression", "fixed", "unexpected-pass", "started", "stopped")}
+            for cat in ("crashed", "blocked", "regression", "fixed", "unexpected-pass", "started", "stopped")}
     groups = _groups(base, cand)
-    bf, cf = base.get("findings", []), cand.get("findings", [])
-    doc = {"base": {"file": base_name, "run": identity(base)}, "candidate": {"file": cand_name, "run": identity(cand)},
+    doc = {"base": _side(base, base_name), "candidate": _side(cand, cand_name),
            "tests": tests, "catalog rows": rows, "groups": groups,
-           "findings": {"new": [f for f in cf if f not in bf], "vanished": [f for f in bf if f not in cf]}}
-    doc["exit"] = EXIT_REGRESSION if tests["regression"] or _lost(groups) else 0
+           "crashes": _new_vanished(crash_titles(base), crash_titles(cand)),
+           "findings": _new_vanished(base.get("findings", []), cand.get("findings", []))}
+    bad = tests["crashed"] or tests["blocked"] or doc["crashes"]["new"] or tests["regression"] or _lost(groups)
+    doc["exit"] = EXIT_REGRESSION if bad else 0
     doc["verdict"] = verdict(doc)
     return doc
+
+
+def _side(doc: dict, name: str) -> dict:
+    """A run's file, identity, and why it ended early (empty when it completed)."""
+    return {"file": name, "run": identity(doc), "incomplete": doc.get("incomplete", "")}
+
+
+def _new_vanished(base: list[str], cand: list[str]) -> dict[str, list[str]]:
+    return {"new": [x for x in cand if x not in base], "vanished": [x for x in base if x not in cand]}
 
 
 def _lost(groups: list[dict]) -> list[str]:
     return [g["group"] for g in groups if g["change"] == "lost"]
 
 
+def _first(items: list[str]) -> str:
+    """The first three of a verdict's list, and how many more, so that the verdict stays one line."""
+    return "; ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+def _crash_verdict(doc: dict) -> list[str]:
+    """The verdict's first part: the candidate's new crash titles and the tests that crashed or did not run."""
+    t = doc["tests"]
+    titles = list(dict.fromkeys([x["why"] for x in t["crashed"]] + doc["crashes"]["new"]))
+    if not titles and not t["blocked"]:
+        return []
+    counts = ([f"{len(t['crashed'])} test{'s' if len(t['crashed']) > 1 else ''} crashed"] if t["crashed"] else []) \
+        + ([f"{len(t['blocked'])} blocked"] if t["blocked"] else [])
+    return ["kernel crashed" + (f" ({_first(titles)})" if titles else " as in the base")
+            + (f": {', '.join(counts)}" if counts else "")]
+
+
 def verdict(doc: dict) -> str:
-    """One line: regression or not, and the counts behind it."""
+    """One line: regression or not, and the counts behind it; a crash first, as the most severe."""
     t, lost = doc["tests"], _lost(doc["groups"])
     if doc["exit"]:
         named = [f"{x['nodeid']} ({x['base'] or 'not in base'} -> {x['candidate']}"
-                 + (f", catalog {ranges(x['catalog'])})" if x["catalog"] else ")") for x in t["regression"][:3]]
-        more = f" and {len(t['regression']) - 3} more" if len(t["regression"]) > 3 else ""
-        parts = ([f"{len(t['regression'])} regressed: " + "; ".join(named) + more] if named else []) + \
-                ([f"groups no longer present: {', '.join(lost)}"] if lost else [])
+                 + (f", catalog {ranges(x['catalog'])})" if x["catalog"] else ")") for x in t["regression"]]
+        parts = _crash_verdict(doc) + \
+            ([f"{len(t['regression'])} regressed: " + _first(named)] if named else []) + \
+            ([f"groups no longer present: {', '.join(lost)}"] if lost else [])
         return f"compare: REGRESSION: {'; '.join(parts)}"
     started = doc["catalog rows"]["started"]
     return (f"compare: no regression: {len(t['fixed'])} fixed, {len(t['started'])} started running"
@@ -137,7 +170,9 @@ def _cell(side: dict) -> str:
 
 def render(doc: dict) -> str:
     """The comparison for people: changed tests by category, catalog rows, groups, findings, verdict last."""
-    parts = ["\n".join(f"{side + ':':<10} {doc[side]['run']}  ({doc[side]['file']})" for side in ("base", "candidate"))]
+    parts = ["\n".join([f"{side + ':':<10} {doc[side]['run']}  ({doc[side]['file']})" for side in ("base", "candidate")]
+                       + [f"{side} run INCOMPLETE: {doc[side]['incomplete']}" for side in ("base", "candidate")
+                          if doc[side]["incomplete"]])]
     for cat, heading in CATEGORIES.items():
         items = doc["tests"][cat]
         if not items:
@@ -149,8 +184,10 @@ def render(doc: dict) -> str:
             lines.append(f"  {t['nodeid']}  [{row}]  {move}" + (f": {t['why']}" if t["why"] else ""))
         parts.append("\n".join(lines))
     rows = doc["catalog rows"]
+    crashed = [(cat, label) for cat, label in (("crashed", "that crashed the kernel"),
+                                               ("blocked", "blocked by a crash")) if rows[cat]]
     parts.append("\n".join(f"catalog rows {label}: {ranges(rows[cat])}" for cat, label in (
-        ("regression", "that regressed"), ("fixed", "fixed"), ("unexpected-pass", "with an unexpected pass"),
+        *crashed, ("regression", "that regressed"), ("fixed", "fixed"), ("unexpected-pass", "with an unexpected pass"),
         ("started", "that start running"), ("stopped", "that stop running"))))
     changed = [g for g in doc["groups"] if g["change"]]
     if changed:
@@ -158,10 +195,12 @@ def render(doc: dict) -> str:
                   g["candidate"]["how"] if g["change"] in ("lost", "gained", "detection changed") else ""]
                  for g in changed]
         parts.append(tabulate(table, headers=["group", "change", "base", "candidate", "candidate detected by"],
-                              tablefmt="simple") + "\n(state, then pass/fail/skip/known-deviation counts, + unexpected passes and errors)")
+                              tablefmt="simple") + "\n(state, then pass/fail/skip/known-deviation counts, + unexpected "
+                                                    "passes, errors, crashed and blocked tests)")
     else:
         parts.append("feature groups: no change in detection or counts")
-    findings = [f"{kind} finding: {f}" for kind in ("new", "vanished") for f in doc["findings"][kind]]
+    findings = [f"{kind} {what}: {f}" for what, key in (("crash", "crashes"), ("finding", "findings"))
+                for kind in ("new", "vanished") for f in doc[key][kind]]
     parts.extend(["\n".join(findings)] if findings else [])
     parts.append(doc["verdict"])
     return "\n\n".join(parts)

@@ -6,16 +6,23 @@ from collections import Counter
 from tabulate import tabulate
 
 from . import features
-from .report import CORE, cell, group_counts, required_absent
+from .report import CORE, cell, crash_titles, group_counts, required_absent
 
 IDENTITY = (("kernel", "kernel"), ("cpu", "cpu vendor"), ("environment", "environment"),
             ("command line", "command line"))
-LEGEND = ("cells: detected state, then pass/fail/skip/known-deviation counts (+ unexpected passes, errors); "
-          "total: the run's exit status")
+LEGEND = ("cells: detected state, then pass/fail/skip/known-deviation counts (+ unexpected passes, errors, crashed "
+          "and blocked tests); total: the run's exit status, whether its kernel crashed, its boots if more than one")
 
 
 def _counts(doc: dict) -> tuple[dict[str, Counter], Counter]:
     return group_counts(doc), Counter(t["outcome"] for t in doc["tests"])
+
+
+def total(doc: dict) -> str:
+    """A run's total cell state: its exit status, and whether its kernel crashed and had to boot again."""
+    boots = doc.get("boots", 1)
+    return f"exit {doc['exitstatus']}" + (", crashed" if crash_titles(doc) else "") + \
+        (f", {boots} boots" if boots > 1 else "")
 
 
 def column(doc: dict) -> list[str]:
@@ -36,14 +43,18 @@ def rows(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
         body.append([g] + [cell(d["features"].get(g, {"state": "-"})["state"], per.get(g, Counter()))
                            for d, (per, _) in zip(docs, counted)])
     body.append([CORE] + [cell("-", per.get(CORE, Counter())) for per, _ in counted])
-    body.append(["total"] + [cell(f"exit {d['exitstatus']}", total) for d, (_, total) in zip(docs, counted)])
+    body.append(["total"] + [cell(total(d), outcomes) for d, (_, outcomes) in zip(docs, counted)])
     return headers, body
 
 
 def notes(docs: list[dict]) -> list[str]:
-    """Findings and failed gates below the table, each with the runs it appeared in."""
+    """Crashes, runs that ended early, findings and failed gates below the table, each with the runs it appeared in."""
     seen: dict[str, list[int]] = {}
     for i, d in enumerate(docs, 1):
+        for title in crash_titles(d):
+            seen.setdefault(f"CRASH: {title}", []).append(i)
+        if d.get("incomplete"):
+            seen.setdefault(f"INCOMPLETE: {d['incomplete']}", []).append(i)
         for line in d.get("findings", []):
             seen.setdefault(f"finding: {line}", []).append(i)
         for line in required_absent(d):

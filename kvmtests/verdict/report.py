@@ -15,7 +15,7 @@ from . import features
 # can trust every key it knows. Added keys keep the version, and readers take them with .get (host "command line"
 # came after format 1's first files).
 FORMAT_VERSION = 1
-OUTCOMES = ("passed", "failed", "skipped", "known-deviation", "unexpected-pass", "error")
+OUTCOMES = ("passed", "failed", "skipped", "known-deviation", "unexpected-pass", "error", "crashed", "blocked")
 CORE = "core"
 
 
@@ -33,9 +33,9 @@ def outcome_of(when: str, outcome: str, wasxfail: bool) -> str | None:
 
 
 def merge(previous: str | None, new: str | None) -> str | None:
-    """A test's outcome across phases: the worst wins (a teardown error spoils a pass)."""
-    order = {None: -1, "passed": 0, "skipped": 1, "known-deviation": 1, "error": 2, "unexpected-pass": 3,
-             "failed": 3}
+    """A test's outcome across phases: the worst wins (a teardown error spoils a pass, a crash spoils anything)."""
+    order = {None: -1, "passed": 0, "skipped": 1, "known-deviation": 1, "error": 2, "blocked": 2,
+             "unexpected-pass": 3, "failed": 3, "crashed": 4}
     return new if order[new] > order[previous] else previous
 
 
@@ -66,8 +66,10 @@ def required_absent(doc: dict) -> list[str]:
 
 
 def cell(state: str, counts: Counter | dict) -> str:
-    """A group's state and counts in one table cell: absent 3/0/16/0 (+1 xpass +2 err when there are any)."""
-    extra = "".join(f" +{counts[o]} {word}" for o, word in (("unexpected-pass", "xpass"), ("error", "err"))
+    """A group's state and counts in one table cell: absent 3/0/16/0 (+1 xpass +2 err +1 crash +3 blocked when
+    there are any)."""
+    extra = "".join(f" +{counts[o]} {word}" for o, word in (("unexpected-pass", "xpass"), ("error", "err"),
+                                                            ("crashed", "crash"), ("blocked", "blocked"))
                     if counts[o])
     return f"{state} {counts['passed']}/{counts['failed']}/{counts['skipped']}/{counts['known-deviation']}{extra}"
 
@@ -93,6 +95,26 @@ def group_counts(doc: dict) -> dict[str, Counter]:
     return counts
 
 
+def crash_titles(doc: dict) -> list[str]:
+    """Each crash title of a run once: its crash list, then crashed tests (so a run without the list counts too)."""
+    titles = [c["title"] for c in doc.get("crashes", [])]
+    return list(dict.fromkeys(titles + [t["message"] for t in doc["tests"] if t["outcome"] == "crashed"]))
+
+
+def crash_line(crash: dict) -> str:
+    """One crash of the run, where and in which boot it happened first, since the title alone does not say."""
+    where = crash["during"] if crash["during"] == "between tests" else f"during {crash['during']}"
+    fatal = ", fatal" if crash["fatal"] else ""
+    return f"CRASH {where} (boot {crash['boot']}, {crash['kind']}{fatal}): {crash['title']}"
+
+
+def survival(doc: dict) -> list[str]:
+    """The kernel's survival of the run: boots beyond the first, each crash, and why it ended early if it did."""
+    boots = doc.get("boots", 1)
+    return ([f"boots: {boots}"] if boots > 1 else []) + [crash_line(c) for c in doc.get("crashes", [])] + \
+        ([f"INCOMPLETE: {doc['incomplete']}"] if doc.get("incomplete") else [])
+
+
 def render(doc: dict) -> str:
     """The summary table printed after pytest's own output."""
     parts = [tabulate(list(doc["host"].items()), tablefmt="plain")]
@@ -105,10 +127,12 @@ def render(doc: dict) -> str:
         rows.append([key, group.patches, det["state"] + req, *(c[o] for o in OUTCOMES), det["how"]])
     c = counts.get(CORE, Counter())
     rows.append([CORE, "upstream", "-", *(c[o] for o in OUTCOMES), "layouts, lifecycle, exits, probes"])
-    parts.append(tabulate(rows, headers=["group", "patches", "detected", "pass", "fail", "skip",
-                                         "known-dev", "xpass", "error", "detected by"], tablefmt="simple"))
+    parts.append(tabulate(rows, headers=["group", "patches", "detected", "pass", "fail", "skip", "known-dev",
+                                         "xpass", "error", "crashed", "blocked", "detected by"], tablefmt="simple"))
     for line in doc["findings"]:
         parts.append(f"finding: {line}")
+    lines = survival(doc)
+    parts.extend(["\n".join(lines)] if lines else [])
     for line in required_absent(doc):
         parts.append(f"FAILED {line}")
     cov = doc["coverage"]
@@ -165,7 +189,8 @@ def render_file(path: str | Path) -> str:
 
 KCIDB_ORIGIN = "kvmtests"
 KCIDB_STATUS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",
-                "known-deviation": "FAIL", "unexpected-pass": "FAIL"}
+                "known-deviation": "FAIL", "unexpected-pass": "FAIL", "crashed": "FAIL", "blocked": "MISS"}
+KCIDB_EXCERPT = 16384   # schema 5.3's maxLength of a test's log_excerpt
 
 
 def kcidb_path(nodeid: str) -> str:
@@ -173,6 +198,14 @@ def kcidb_path(nodeid: str) -> str:
     words = re.split(r"::|/|\[|\]|\.py", nodeid)
     clean = [re.sub(r"[^A-Za-z0-9_-]+", "_", w).strip("_") for w in words]
     return ".".join([KCIDB_ORIGIN] + [w for w in clean if w and w != "tests"])
+
+
+def kcidb_crash(test: dict) -> dict:
+    """A crashed test's title and console lines as log_excerpt (the schema forbids NUL and caps the length)."""
+    if test["outcome"] != "crashed":
+        return {}
+    text = "\n".join([test["message"], *test.get("log", [])]).replace("\0", "")
+    return {"log_excerpt": text[:KCIDB_EXCERPT]}
 
 
 def kcidb(doc: dict) -> dict:
@@ -187,16 +220,19 @@ def kcidb(doc: dict) -> dict:
         tests.append({
             "id": f"{KCIDB_ORIGIN}:{run_id}-{hashlib.sha256(t['nodeid'].encode()).hexdigest()[:16]}",
             "build_id": build_id, "origin": KCIDB_ORIGIN, "path": kcidb_path(t["nodeid"]),
-            "status": KCIDB_STATUS[t["outcome"]], "duration": t["duration"],
+            "status": KCIDB_STATUS[t["outcome"]], "duration": t.get("duration", 0.0),
             "comment": ("known deviation (catalog warning item): " if known else "") + t["message"][:1000],
             "environment": {"comment": ", ".join(f"{k}: {v}" for k, v in doc["host"].items())},
             "misc": {"nodeid": t["nodeid"], "catalog": t["catalog"], "groups": t["groups"],
-                     "known_deviation": known},
+                     "known_deviation": known, **{k: t[k] for k in ("crash", "blocked_by") if k in t}},
+            **kcidb_crash(t),
         })
     return {
         "version": {"major": 5, "minor": 3},
         "checkouts": [{"id": checkout_id, "origin": KCIDB_ORIGIN, "comment": f"kernel {kernel}", "valid": True,
-                       "misc": {"features": doc["features"], "findings": doc["findings"]}}],
+                       "misc": {"features": doc["features"], "findings": doc["findings"],
+                                "crashes": doc.get("crashes", []), "boots": doc.get("boots", 1),
+                                "incomplete": doc.get("incomplete", "")}}],
         "builds": [{"id": build_id, "checkout_id": checkout_id, "origin": KCIDB_ORIGIN,
                     "architecture": "x86_64", "config_name": kernel, "status": "PASS"}],
         "tests": tests,
