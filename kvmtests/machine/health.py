@@ -5,10 +5,16 @@ import os
 import re
 
 TAINT_PATH = "/proc/sys/kernel/tainted"
-KMSG_PATH = "/dev/kmsg"
+KMSG_ENV = "KVMTESTS_KMSG"   # another kernel log to read (self-tests feed one from a file)
+RECORD = re.compile(r"^\d+,\d+,\d+,[^;]*;")   # /dev/kmsg's "priority,sequence,microseconds,flags;" before a line
 BAD_LINE = re.compile(r"WARNING:|BUG:|Oops|general protection fault|kernel BUG|Call Trace:|RIP: |UBSAN:|KASAN:")
 TAINT_NAMES = {0: "P", 1: "F", 2: "S", 3: "R", 4: "M", 5: "B", 6: "U", 7: "D", 8: "A", 9: "W (warning)",
                10: "C", 11: "I", 12: "O", 13: "E", 14: "L (soft lockup)", 15: "K", 16: "X", 17: "T", 18: "N"}
+
+
+def kmsg_path() -> str:
+    """The kernel log to read: $KVMTESTS_KMSG or /dev/kmsg."""
+    return os.environ.get(KMSG_ENV) or "/dev/kmsg"
 
 
 def taint() -> int:
@@ -25,10 +31,13 @@ class Watch:
     def __init__(self) -> None:
         self.taint = taint()
         self.fd = -1
+        self.error = ""          # why the kernel log cannot be read, when it cannot
+        self.lines: list[str] = []   # the kernel-log lines the last problems() read
         try:
-            self.fd = os.open(KMSG_PATH, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self.fd = os.open(kmsg_path(), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             os.lseek(self.fd, 0, os.SEEK_END)
-        except OSError:
+        except OSError as e:
+            self.error = f"cannot read {kmsg_path()}: {e.strerror}"
             self.close()
 
     def close(self) -> None:
@@ -36,7 +45,8 @@ class Watch:
             os.close(self.fd)
             self.fd = -1
 
-    def _new_lines(self) -> list[str]:
+    def new_lines(self) -> list[str]:
+        """The log lines written since the last read: one /dev/kmsg record a read, or a file's lines."""
         lines = []
         while self.fd >= 0:
             try:
@@ -47,8 +57,8 @@ class Watch:
                 continue  # EPIPE: records were overwritten; keep reading from the next one
             if not rec:
                 break
-            text = rec.decode(errors="replace")
-            lines.append(text.split(";", 1)[-1].rstrip("\n"))
+            lines += [RECORD.sub("", text) for text in rec.decode(errors="replace").splitlines()
+                      if not text.startswith(" ")]     # a record's " KEY=value" lines are not log text
         return lines
 
     def problems(self) -> list[str]:
@@ -58,6 +68,7 @@ class Watch:
         if new:
             bits = [TAINT_NAMES.get(b, str(b)) for b in range(32) if new >> b & 1]
             out.append(f"kernel taint grew by {new:#x} ({', '.join(bits)})")
-        bad = [line for line in self._new_lines() if BAD_LINE.search(line)]
+        self.lines = self.new_lines()
+        bad = [line for line in self.lines if BAD_LINE.search(line)]
         out.extend(f"kernel log: {line}" for line in bad[:20])
         return out

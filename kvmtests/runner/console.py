@@ -18,8 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Lines that /init prints to the console: MARK, a name, the guest's uptime, optional words.
-MARK = "@@kvmtests@@"
+from kvmtests.verdict.stream import MARK, mark_words
+
+from .monitor import KILL, NMI, Monitor
+
+# Lines that /init and the suite print to the console: MARK, a name, the guest's uptime, optional words.
 SUITE_START = "suite-start"
 SUITE_END = "suite-end"
 RESULTS_BEGIN = "results-begin"
@@ -44,11 +47,9 @@ class RunResult:
 
 
 def parse_mark(line: str) -> str | None:
-    """Return the marker name of a console line printed by /init, else None."""
-    words = line.split()
-    if len(words) >= 2 and words[0] == MARK:
-        return words[1]
-    return None
+    """Return the marker name of a console line printed by /init or the suite, else None."""
+    words = mark_words(line)
+    return words[1] if len(words) >= 2 else None
 
 
 def run_console(
@@ -57,19 +58,24 @@ def run_console(
     timeout: float,
     boot_timeout: float,
     on_line: Callable[[str], None] | None = None,
-    ends_run: str | None = None,
+    monitor: Monitor | None = None,
+    nmi: Callable[[subprocess.Popen], None] | None = None,
+    log_mode: str = "w",
 ) -> RunResult:
     """Run an emulator, copy its console (stdout) to log_path, and kill it at the boot or overall deadline,
-    or once a console line contains ends_run (for an emulator that reboots where it should stop)."""
+    or when the monitor says so (a fatal crash report, a hang); nmi asks the emulator for a non-maskable
+    interrupt when the monitor wants one."""
     start = time.monotonic()
     marks: dict[str, float] = {}
     tail: deque[str] = deque(maxlen=20)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lock = threading.Lock()
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if nmi else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     stdout = proc.stdout
 
     def pump() -> None:
-        with log_path.open("w", encoding="utf-8") as log:
+        with log_path.open(log_mode, encoding="utf-8") as log:
             for raw in stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 log.write(line + "\n")
@@ -80,8 +86,9 @@ def run_console(
                     marks.setdefault(name, time.monotonic() - start)
                 if on_line is not None:
                     on_line(line)
-                if ends_run is not None and ends_run in line:
-                    proc.kill()
+                if monitor is not None:
+                    with lock:
+                        monitor.line(line, time.monotonic() - start)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -96,6 +103,14 @@ def run_console(
             if timed_out:
                 proc.kill()
                 break
+            if monitor is not None:
+                with lock:
+                    action = monitor.tick(now)
+                if action == KILL:
+                    proc.kill()
+                    break
+                if action == NMI and nmi is not None:
+                    nmi(proc)
             try:
                 proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
@@ -104,7 +119,11 @@ def run_console(
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
     reader.join(timeout=5)
+    if monitor is not None:
+        monitor.finish(timed_out is not None, time.monotonic() - start)
     return RunResult(
         returncode=None if timed_out else proc.returncode,
         timed_out=timed_out,

@@ -13,6 +13,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmtests.verdict.stream import HANG_STACKS, HANG_STACKS_END
+
 from .console import MARK, SUITE_END, SUITE_START, RunnerError, results_to_console
 from .rootfs import HostFile
 
@@ -26,6 +28,8 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
 REQUIRED_GROUP = "base"
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
+DEADLINE_FILE = "/run/kvmtests-deadline"   # inside the suite's root: the running test's deadline (uptime, s)
+STACK_ADDRESSES = r"s/^\[<[0-9a-f]*>\] /  /"   # /proc/PID/stack's "[<0>] " before each frame, as a console stack
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,7 @@ die() {{ echo "{MARK} init-failed 0 $*"; sync; poweroff -f; echo o > /proc/sysrq
 params() {{ for w in $(cat /proc/cmdline); do case "$w" in "$1".*=*) echo "${{w#"$1".}}" ;; esac; done; }}
 load() {{ for m in $(cat /modules/$1.list); do insmod /modules/$m.ko $(params $m) || echo "kvmtests: insmod $m failed"; done; }}
 mark init
+echo 1 > /proc/sys/kernel/unknown_nmi_panic
 {"" if plan.self_contained else "load base"}
 case "$(grep -m1 vendor_id /proc/cpuinfo)" in
   *AuthenticAMD*|*HygonGenuine*) load amd ;;
@@ -225,13 +230,33 @@ mount -t debugfs debugfs {root}/sys/kernel/debug"""
 
 
 def _suite(plan: GuestPlan, chroot: str) -> str:
-    """Shell lines running the suite between the start and end marks, leaving its exit status in $rc."""
+    """Shell lines running the suite between the start and end marks, leaving its exit status in $rc.
+
+    Beside it a watchdog: once the running test is past its deadline (the suite writes it to DEADLINE_FILE),
+    it prints the kernel stacks of the suite's tasks between two marks, for the host to title the hang."""
     q = shlex.quote
     env = " ".join(q(f"{k}={v}") for k, v in plan.env.items())
     inner = f"cd {q(str(plan.project_dir))} && exec {shlex.join(plan.command)}"
+    deadline = q(chroot + DEADLINE_FILE)
     return f"""mark {SUITE_START}
-env -i {env} {f"chroot {chroot} " if chroot else ""}/bin/sh -c {q(inner)}
+env -i {env} {f"chroot {chroot} " if chroot else ""}/bin/sh -c {q(inner)} &
+suite=$!
+( while kill -0 $suite 2>/dev/null; do
+    sleep 2
+    due=$(cat {deadline} 2>/dev/null) || continue
+    [ "$(cut -d. -f1 /proc/uptime)" -gt "$due" ] || continue
+    rm -f {deadline}
+    mark {HANG_STACKS}
+    for t in /proc/$suite/task/*; do
+      echo "task $(cat $t/comm) tid ${{t##*/}} state $(cut -d' ' -f3 $t/stat)"
+      sed {q(STACK_ADDRESSES)} $t/stack
+    done
+    mark {HANG_STACKS_END}
+  done ) &
+watchdog=$!
+wait $suite
 rc=$?
+kill $watchdog 2>/dev/null
 mark {SUITE_END} "rc=$rc\""""
 
 

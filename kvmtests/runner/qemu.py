@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,15 +45,17 @@ def find_qemu() -> str:
 
 
 def qemu_command(cfg: MachineConfig, binary: str = QEMU_BINARY) -> list[str]:
-    """Build the QEMU argv: no display, console on stdout, no reboot, one 9p device per share."""
+    """Build the QEMU argv: no display, console on stdout (its monitor multiplexed on stdin, for nmi), no
+    reboot, one 9p device per share."""
     cmd = [
         binary,
         "-nodefaults",
         "-no-user-config",
         "-no-reboot",
         "-display", "none",
-        "-monitor", "none",
-        "-serial", "stdio",
+        "-chardev", "stdio,id=console,mux=on,signal=off",
+        "-serial", "chardev:console",
+        "-mon", "chardev=console,mode=readline",
         "-machine", f"q35,accel={cfg.accel}",
         "-cpu", cfg.cpu,
         "-smp", str(cfg.smp),
@@ -67,3 +70,19 @@ def qemu_command(cfg: MachineConfig, binary: str = QEMU_BINARY) -> list[str]:
             fsdev += ",readonly=on"
         cmd += ["-fsdev", fsdev, "-device", f"virtio-9p-pci,fsdev={share.tag},mount_tag={share.tag}"]
     return cmd
+
+
+# The stdio multiplexer's escape (Ctrl-A c) switches between the serial console and the monitor.
+MUX_SWITCH = b"\x01c"
+
+
+def nmi(proc: subprocess.Popen) -> None:
+    """Inject a non-maskable interrupt through the monitor: with unknown_nmi_panic set, the guest kernel panics
+    and prints the stack it interrupted, even when that CPU spins with interrupts off."""
+    if proc.stdin is None:
+        return
+    try:
+        proc.stdin.write(MUX_SWITCH + b"nmi\n" + MUX_SWITCH)
+        proc.stdin.flush()
+    except OSError:
+        pass

@@ -4,6 +4,7 @@ inside, bring the results back."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import struct
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import kvmtests
 from kvmtests.machine import host
-from kvmtests.verdict import matrix
+from kvmtests.verdict import matrix, stream
 from kvmtests.verdict.features import parse_required
-from kvmtests.verdict.report import NotResults, load, render_file
+from kvmtests.verdict.junit import junit
+from kvmtests.verdict.report import NotResults, load, render
 
-from . import bochs, console, initramfs, kernels, qemu, rootfs
+from . import bochs, console, initramfs, kernels, qemu, resume, rootfs
 from .console import RunnerError
+from .monitor import Monitor
 
 PROJECT_DIR = Path(kvmtests.__file__).resolve().parent.parent
 PYTEST_PLUGIN = "kvmtests.verdict.plugin"  # provides --kvmtests-json
@@ -32,10 +35,15 @@ EXIT_NO_VERDICT = 125
 DEFAULT_VARIANT = "default"
 OUTPUTS = ("rc", "results.json", "junit.xml", "console.log", "bochs.log")
 GUEST_RESULTS = Path("/kvmtests-results")  # where a self-contained guest collects them before sending them
-# The last line the kernel prints on a panic: Bochs reboots instead of stopping, so the run ends here.
-PANIC_END = "---[ end Kernel panic"
 # --boot-timeout defaults: Bochs reads the initramfs through the emulated BIOS and boots at 100 MIPS.
 BOOT_TIMEOUT = {"QEMU": 300.0, "Bochs": 900.0}
+# --test-timeout defaults: a few times the slowest test under each emulator (see the option's help).
+TEST_TIMEOUT = {"QEMU": 300.0, "Bochs": 900.0}
+# Time the guest's own watchdog gets, past the deadline, to print the overdue test's stacks.
+STACKS_GRACE = {"QEMU": 30.0, "Bochs": 120.0}
+MAX_RESUMES = 5
+CONSOLE = "/dev/console"     # where the guest's suite streams its events
+RESUME_FILE = "resume.json"  # in the results directory the guest sees
 # test_attr_model's profile for qualify: no shrinking, so a failing kernel gets its verdict (and seed) fast
 HYPOTHESIS_PROFILE = ("KVMTESTS_HYPOTHESIS_PROFILE", "qualify")
 
@@ -101,17 +109,19 @@ def suite_command(results: Path, pytest_args: Sequence[str], require: str = "") 
     (they check kvmtests, not the kernel, and the host already runs them); PYTEST-ARGS come after
     these defaults and add to them (a later -m replaces the default one)."""
     cmd = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-p", PYTEST_PLUGIN,
-           "--no-kvmtests-summary", f"--kvmtests-json={results / 'results.json'}",
+           "--no-kvmtests-summary", f"--kvmtests-json={results / 'results.json'}", f"--kvmtests-stream={CONSOLE}",
            f"--junitxml={results / 'junit.xml'}", "-m", "not selftest"]
     return cmd + ([f"--require={require}"] if require else []) + list(pytest_args)
 
 
-def guest_env(accel: str, host_env: Mapping[str, str]) -> dict[str, str]:
-    """The suite's environment: HOME, PATH and KVMTESTS_* from the host, plus the accelerator; the
-    Hypothesis profile is the qualify one unless the host names another."""
+def guest_env(accel: str, host_env: Mapping[str, str], results: Path, test_timeout: float) -> dict[str, str]:
+    """The suite's environment: HOME, PATH and KVMTESTS_* from the host, plus the accelerator, the per-test
+    deadline and where a resumed boot finds what earlier boots did; the Hypothesis profile is the qualify one
+    unless the host names another."""
     name, profile = HYPOTHESIS_PROFILE
     env = {name: profile} | {k: v for k, v in host_env.items() if k in ("HOME", "PATH") or k.startswith("KVMTESTS_")}
-    env.update(KVMTESTS_ACCEL=accel, TERM="dumb")
+    env.update({"KVMTESTS_ACCEL": accel, "TERM": "dumb", stream.RESUME_ENV: str(results / RESUME_FILE),
+                stream.TEST_TIMEOUT_ENV: f"{test_timeout:g}", stream.DEADLINE_ENV: initramfs.DEADLINE_FILE})
     return env
 
 
@@ -143,24 +153,10 @@ def pytest_args(remainder: Sequence[str]) -> list[str]:
     return list(remainder[1:] if remainder[:1] == ["--"] else remainder)
 
 
-def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: float, emulator: str = "QEMU") -> int:
-    """Print phase times, the verdict or the one-line failure, and where the outputs are; return the exit code."""
+def no_suite(results: Path, run: console.RunResult, boot_timeout: float, timeout: float, emulator: str = "QEMU") -> int:
+    """The suite never ran, or ended with no verdict and no crash: one line that says why, and the console's end."""
     log = results / "console.log"
-    rc_file = results / "rc"
-    summary = results / "results.json"
-    if rc_file.exists() and summary.exists():
-        print(render_file(summary))
-    start, end = run.marks.get(console.SUITE_START), run.marks.get(console.SUITE_END)
-    if start is not None:
-        print(f"qualify: boot {start:.1f} s ({emulator} start until the suite started)")
-    if start is not None and end is not None:
-        print(f"qualify: suite {end - start:.1f} s")
-    if rc_file.exists():
-        for label, name in (("console log", "console.log"), ("JUnit XML", "junit.xml"), ("JSON", "results.json")):
-            if (results / name).exists():
-                print(f"qualify: {label}: {results / name}")
-        rc = rc_file.read_text().strip()
-        return int(rc) if rc.isdigit() else EXIT_NO_VERDICT
+    start = run.marks.get(console.SUITE_START)
     if run.timed_out == "boot":
         line, code = f"kernel did not reach the test runner within {boot_timeout:g} s", EXIT_TIMEOUT
     elif run.timed_out == "suite":
@@ -181,7 +177,7 @@ def report(results: Path, run: console.RunResult, boot_timeout: float, timeout: 
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell's kernel, command line, results directory and boot deadline, as either emulator boots it."""
+    """One cell's kernel, command line, results directory and deadlines, as either emulator boots it."""
 
     image: Path
     release: str
@@ -190,13 +186,17 @@ class Cell:
     results: Path
     boot_timeout: float
     busybox: Path
+    test_timeout: float
+    grace: float
 
 
 def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir: Path | None) -> int:
-    """One cell: validate the inputs, build the initramfs, boot the kernel and report; every input error is one line."""
+    """One cell: validate the inputs, build the initramfs, boot the kernel (again after each crash) and report;
+    every input error is one line."""
     under_bochs = args.cpu == "intel"
     emulator = "Bochs" if under_bochs else "QEMU"
     boot_timeout = min(args.boot_timeout or BOOT_TIMEOUT[emulator], args.timeout)
+    test_timeout = TEST_TIMEOUT[emulator] if args.test_timeout is None else args.test_timeout
     try:
         if under_bochs and args.accel != "auto":
             raise RunnerError("--accel picks QEMU's accelerator, but --cpu intel runs under Bochs: leave --accel out")
@@ -213,16 +213,56 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
         results.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:
             (results / name).unlink(missing_ok=True)
-        boot = _boot_bochs if under_bochs else _boot_qemu
+        prepare = _boot_bochs if under_bochs else _boot_qemu
+        cell = Cell(image, release, modules, append, results, boot_timeout, busybox, test_timeout,
+                    STACKS_GRACE[emulator])
         with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
-            run = boot(args, Cell(image, release, modules, append, results, boot_timeout, busybox), Path(tmp), tool)
+            boots, why = resume.run_cell(prepare(args, cell, Path(tmp), tool), results, args.timeout,
+                                         args.max_resumes)
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
         print(f"qualify: {exc.filename or ''}: {exc.strerror}; check the path and its permissions", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return report(results, run, boot_timeout, args.timeout, emulator)
+    first = boots[0]
+    if not first.monitor.started or (len(boots) == 1 and first.doc is None and not first.monitor.records
+                                     and not first.monitor.crashes):
+        return no_suite(results, first.run, boot_timeout, args.timeout, emulator)
+    return report_cell(results, boots, why, args, release, emulator)
+
+
+def report_cell(results: Path, boots: list[resume.Boot], why: str, args: argparse.Namespace, release: str,
+                emulator: str) -> int:
+    """Merge every boot into results.json (and JUnit when the guest's own cannot be whole), print the summary,
+    the boots and their phase times, and where the outputs are; return the exit code."""
+    doc = resume.merge(boots, {"kernel": release, "environment": f"{emulator} (kvmtests qualify)"},
+                       sorted(parse_required(args.require)), why)
+    missing = resume.not_run(boots, doc)
+    if why and missing:
+        doc["incomplete"] = f"{why}; {missing} selected tests did not run"
+    code = doc["exitstatus"] if not why else EXIT_TIMEOUT if boots[-1].run.timed_out == "suite" else EXIT_NO_VERDICT
+    (results / "results.json").write_text(json.dumps(doc, indent=1))
+    if len(boots) > 1 or doc["crashes"] or boots[-1].doc is None:
+        (results / "junit.xml").write_text(junit(doc))
+    (results / "rc").write_text(f"{code}\n")
+    print(render(doc))
+    for n, boot in enumerate(boots, 1):
+        start, end = boot.run.marks.get(console.SUITE_START), boot.run.marks.get(console.SUITE_END)
+        ended = "; ".join(f"{c.report.title} ({c.during})" for c in boot.monitor.fatal) or (
+            "the suite finished" if boot.doc else "the emulator stopped")
+        phases = f"boot {start:.1f} s ({emulator} start until the suite started)" if start is not None else "no suite"
+        if start is not None:
+            phases += f", suite {(end if end is not None else boot.run.elapsed) - start:.1f} s"
+        print(f"qualify: boot {n}: {phases}; {ended}" if len(boots) > 1 else f"qualify: {phases}")
+    for label, name in (("console log", "console.log"), ("JUnit XML", "junit.xml"), ("JSON", "results.json")):
+        print(f"qualify: {label}: {results / name}")
+    crashed = [t for t in doc["tests"] if t["outcome"] == "crashed"]
+    if crashed or why:
+        print(f"qualify: {len(boots)} boot{'s' * (len(boots) > 1)}; " + "; ".join(
+            [f"crashed: {t['nodeid']}: {t['message']}" for t in crashed] + ([f"INCOMPLETE: {doc['incomplete']}"]
+                                                                          if why else [])))
+    return code
 
 
 def _initramfs(out: Path, cell: Cell, plan: initramfs.GuestPlan) -> None:
@@ -231,57 +271,86 @@ def _initramfs(out: Path, cell: Cell, plan: initramfs.GuestPlan) -> None:
         print(f"qualify: note: {cell.modules} has no {absent}; the guest will not load it")
 
 
-def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path, binary: str) -> console.RunResult:
-    """Boot under QEMU with the host's root shared over 9p (tmpfs overlay) and the results directory writable."""
+def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path, binary: str) -> resume.BootFn:
+    """Boot under QEMU with the host's root shared over 9p (tmpfs overlay) and the results directory writable;
+    a resumed boot reads what earlier ones did from the results directory."""
     accel = choose_accel(args.accel)
     cpu = qemu_cpu(args.cpu, accel)
     plan = initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(cell.results, pytest_args(args.pytest_args), args.require),
-        env=guest_env(accel, os.environ), results_dir=cell.results, root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
+        env=guest_env(accel, os.environ, cell.results, cell.test_timeout), results_dir=cell.results,
+        root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
     initrd = tmp / "initramfs.cpio.gz"
     _initramfs(initrd, cell, plan)
     cfg = qemu.MachineConfig(
         kernel=cell.image, initrd=initrd, append=kernel_cmdline(accel, cell.append), accel=accel, cpu=cpu,
         mem=args.mem, smp=args.smp,
         shares=(qemu.Share(ROOT_TAG, Path("/"), True), qemu.Share(RESULTS_TAG, cell.results, False)))
-    print(f"qualify: booting {cell.image} ({cell.release}) under QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, "
-          f"{cfg.mem}; {f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
-    return console.run_console(qemu.qemu_command(cfg, binary), cell.results / "console.log", args.timeout,
-                               cell.boot_timeout, suite_echo())
+
+    def boot(n: int, state: dict | None, left: float) -> tuple[console.RunResult, Monitor]:
+        _write_resume(cell.results / RESUME_FILE, state)
+        print(f"qualify: {'booting' if n == 1 else f'boot {n}: resuming after a crash,'} {cell.image} "
+              f"({cell.release}) under QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, {cfg.mem}; "
+              f"{f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
+        monitor = Monitor(n, cell.test_timeout, cell.grace, can_nmi=True)
+        return console.run_console(qemu.qemu_command(cfg, binary), cell.results / "console.log", left,
+                                   min(cell.boot_timeout, left), suite_echo(), monitor, qemu.nmi,
+                                   "w" if n == 1 else "a"), monitor
+
+    return boot
 
 
-def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.BochsTools) -> console.RunResult:
+def _write_resume(path: Path, state: dict | None) -> None:
+    """The resume file a rebooted guest reads; none on the first boot."""
+    if state is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(json.dumps(state))
+
+
+def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.BochsTools) -> resume.BootFn:
     """Boot under Bochs (Intel VMX with EPT) from a CD image whose initramfs holds everything the suite runs
-    with; the results come back over the serial console."""
+    with; the results come back over the serial console, and a resumed boot's state rides in a second cpio
+    archive appended to the initramfs."""
     mem = bochs.memory_mb(args.mem)
     plan = initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(GUEST_RESULTS, pytest_args(args.pytest_args), args.require),
-        env=guest_env("bochs", os.environ), results_dir=GUEST_RESULTS, root_tag="", results_tag="",
-        host_files=tuple(rootfs.collect(PROJECT_DIR)))
-    initrd, iso = tmp / "initramfs.cpio", tmp / "boot.iso"
-    _initramfs(initrd, cell, plan)
+        env=guest_env("bochs", os.environ, GUEST_RESULTS, cell.test_timeout), results_dir=GUEST_RESULTS,
+        root_tag="", results_tag="", host_files=tuple(rootfs.collect(PROJECT_DIR)))
+    base, initrd, iso = tmp / "initramfs.cpio", tmp / "boot.cpio", tmp / "boot.iso"
+    _initramfs(base, cell, plan)
     append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {cell.append}")
-    bochs.make_iso(iso, cell.image, initrd, append, tools)
     cfg = bochs.MachineConfig(iso=iso, log=cell.results / "bochs.log", mem_mb=mem, cpus=args.smp)
     (tmp / "bochsrc").write_text(bochs.bochsrc(cfg, tools))
     (tmp / "debugger.rc").write_text(bochs.DEBUGGER_SCRIPT)
-    print(f"qualify: booting {cell.image} ({cell.release}) under Bochs, {cfg.model} at {cfg.ips // 1_000_000} "
-          f"MIPS, {cfg.cpus} vCPU, {cfg.mem_mb} MB, initramfs {initrd.stat().st_size >> 20} MB; "
-          f"{f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
-    collector = console.ResultCollector()
-    echo = suite_echo()
 
-    def on_line(line: str) -> None:
-        echo(line)
-        collector(line)
+    def boot(n: int, state: dict | None, left: float) -> tuple[console.RunResult, Monitor]:
+        extra = b"" if state is None else initramfs.cpio_archive(
+            {str(GUEST_RESULTS / RESUME_FILE).lstrip("/"): json.dumps(state).encode()},
+            [str(GUEST_RESULTS).lstrip("/")], set())
+        initrd.write_bytes(base.read_bytes() + extra)
+        bochs.make_iso(iso, cell.image, initrd, append, tools)
+        print(f"qualify: {'booting' if n == 1 else f'boot {n}: resuming after a crash,'} {cell.image} "
+              f"({cell.release}) under Bochs, {cfg.model} at {cfg.ips // 1_000_000} MIPS, {cfg.cpus} vCPU, "
+              f"{cfg.mem_mb} MB, initramfs {initrd.stat().st_size >> 20} MB; "
+              f"{f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
+        collector = console.ResultCollector()
+        echo = suite_echo()
 
-    run = console.run_console(bochs.bochs_command(tmp / "bochsrc", tmp / "debugger.rc", tools.bochs),
-                              cell.results / "console.log", args.timeout, cell.boot_timeout, on_line,
-                              ends_run=PANIC_END)
-    problem = collector.unpack(cell.results)
-    if problem and console.SUITE_END in run.marks:
-        print(f"qualify: {problem}")
-    return run
+        def on_line(line: str) -> None:
+            echo(line)
+            collector(line)
+
+        monitor = Monitor(n, cell.test_timeout, cell.grace, can_nmi=False)
+        run = console.run_console(bochs.bochs_command(tmp / "bochsrc", tmp / "debugger.rc", tools.bochs),
+                                  cell.results / "console.log", left, min(cell.boot_timeout, left), on_line,
+                                  monitor, None, "w" if n == 1 else "a")
+        problem = collector.unpack(cell.results)
+        if problem and console.SUITE_END in run.marks and not monitor.fatal:
+            print(f"qualify: {problem}")
+        return run, monitor
+
+    return boot
 
 
 def cells(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -344,14 +413,14 @@ def end_matrix(done: list[tuple[int, str, str, Path, int]]) -> int:
 
 
 def suite_echo() -> Callable[[str], None]:
-    """Show the suite's own console output live, without the kernel's boot messages."""
+    """Show the suite's own console output live, without the kernel's boot messages or the suite's events."""
     state = {"on": False}
 
     def echo(line: str) -> None:
         mark = console.parse_mark(line)
         if mark in (console.SUITE_START, console.SUITE_END):
             state["on"] = mark == console.SUITE_START
-        elif state["on"]:
+        elif state["on"] and not mark:
             print(line, flush=True)
 
     return echo
@@ -387,6 +456,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1: TCG guests oopsed with 2)")
     p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
                    help="hard limit for the whole run (default 3600)")
+    p.add_argument("--test-timeout", type=float, metavar="SECONDS",
+                   help="per-test deadline: a test running longer is a hang; the guest prints its kernel stacks, "
+                        "the test is crashed and the run resumes on a fresh boot (default "
+                        f"{TEST_TIMEOUT['QEMU']:g}, {TEST_TIMEOUT['Bochs']:g} under Bochs; 0: off)")
+    p.add_argument("--max-resumes", type=int, default=MAX_RESUMES, metavar="N",
+                   help="boots after a crash before the cell ends with the verdicts it has "
+                        f"(default {MAX_RESUMES})")
     p.add_argument("--boot-timeout", type=float, metavar="SECONDS",
                    help=f"limit until the suite starts (default {BOOT_TIMEOUT['QEMU']:g}, "
                         f"{BOOT_TIMEOUT['Bochs']:g} under Bochs)")

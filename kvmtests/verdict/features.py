@@ -12,6 +12,8 @@ from kvmtests.machine import guest, hyperv, memfault, tracefs
 from kvmtests.machine.kvm import Kvm, Unavailable
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
+CRASHED = "crashed"    # the group's detection probe crashed the kernel on an earlier boot of this run
+_crashed: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -366,9 +368,22 @@ PROBES: dict[str, Callable[[Kvm], Detection]] = {
 }
 
 
-@functools.cache
+def crashed_probes(titles: dict[str, str]) -> None:
+    """Groups whose probe crashed the kernel on an earlier boot (group -> crash title): never probed again."""
+    _crashed.clear()
+    _crashed.update(titles)
+
+
 def detect(group: str) -> Detection:
-    """Detect one group on the KVM under test (cached per process)."""
+    """Detect one group on the KVM under test, unless its probe crashed the kernel before."""
+    if group in _crashed:
+        return Detection(group, CRASHED, f"its detection probe crashed the kernel on an earlier boot: {_crashed[group]}")
+    return _probe(group)
+
+
+@functools.cache
+def _probe(group: str) -> Detection:
+    """Run one group's probe (cached per process)."""
     try:
         with Kvm() as kvm:
             return PROBES[group](kvm)

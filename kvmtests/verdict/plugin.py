@@ -2,24 +2,25 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 from collections.abc import Generator, Iterator
-from pathlib import Path
 
 import pytest
 
 from kvmtests.machine import health, memfault
 from kvmtests.machine.kvm import Kvm, Unavailable, dev_kvm_path
 
-from . import features, probe
+from . import features, guardian, probe, stream
 from . import report as results
 
 REQUIRE_ENV = "KVMTESTS_REQUIRE"
 _results = pytest.StashKey[dict]()
 _device_skip = pytest.StashKey[str]()
 _doc = pytest.StashKey[dict]()
+_stream = pytest.StashKey["stream.Stream | None"]()
+_resume = pytest.StashKey[dict]()
+BLOCKED = stream.BLOCKED
 
 
 XPASS_STRICT = "[XPASS(strict)]"   # how pytest words a strict expected failure that passed
@@ -44,8 +45,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kvmtests-json", default=None, metavar="PATH", help="write the run's results as JSON")
     group.addoption("--no-kvmtests-summary", action="store_true",
                     help="do not print the summary table (kvmtests qualify prints it on the host)")
+    group.addoption("--kvmtests-stream", default=None, metavar="DEVICE",
+                    help="kvmtests qualify's guest: send each verdict and what is running to the host over this "
+                         "console device as it happens, run the feature detection first, and resume after the "
+                         f"tests an earlier boot finished (env {stream.RESUME_ENV})")
     group.addoption("--shuffle", type=int, default=None, metavar="SEED",
                     help="run the tests in a random order drawn from SEED (the same in every xdist worker)")
+    group.addoption("--test-timeout", type=float, default=os.environ.get(stream.TEST_TIMEOUT_ENV), metavar="SECONDS",
+                    help="on a host: a test still running after SECONDS has its kernel stacks read and its process "
+                         "killed, and is crashed (kind hang); default "
+                         f"{guardian.DEFAULT_TIMEOUT:g}, some 25 times the slowest test (2.3 s, -m slow's thousand "
+                         "VM cycles; 0.7 s without -m slow); tests marked slow only when given; 0: off "
+                         f"(env {stream.TEST_TIMEOUT_ENV})")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,6 +72,19 @@ def pytest_configure(config: pytest.Config) -> None:
                                   "cap_numbers": features.parse_cap_numbers(config.getoption("cap_number"))}
     except ValueError as e:
         raise pytest.UsageError(str(e))
+    if not _is_worker(config):
+        config.stash[_stream] = stream.open_stream(config.getoption("kvmtests_stream"))
+        config.stash[_resume] = stream.load_resume() if config.stash[_stream] else {}
+        features.crashed_probes(config.stash[_resume].get("crashed_probes", {}))
+    if not config.getoption("kvmtests_stream"):     # in a qualify guest, the host's runner sees the crashes
+        config.pluginmanager.register(guardian.HostGuard(config, _tests, lambda: _document(config, 0)),
+                                      "kvmtests-guardian")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    out = config.stash.get(_stream, None)
+    if out is not None:
+        out.close()
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -84,10 +108,62 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         pinned = [m.args[0] for m in item.iter_markers("group")]
         item.user_properties.append(("catalog", numbers))
         item.user_properties.append(("groups", pinned or features.groups_of(numbers)))
+    _resume_items(config, items)
     try:
         Kvm().close()
     except Unavailable as e:
         config.stash[_device_skip] = str(e)
+
+
+def _resume_items(config: pytest.Config, items: list) -> None:
+    """A resumed boot leaves out what earlier boots finished and blocks the rows on a path that crashed the kernel."""
+    resume = config.stash.get(_resume, {})
+    done = set(resume.get("done", []))
+    if done:
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+        items[:] = [item for item in items if item.nodeid not in done]
+    crashed = resume.get("crashed_groups", {})
+    for item in items:
+        hit = [g for g in dict(item.user_properties)["groups"] if g in crashed]
+        if hit:
+            item.user_properties.append(("blocked", f"{BLOCKED}{crashed[hit[0]]}"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In a qualify guest: name the run and its tests to the host, then detect every group, each probe announced,
+    so that a probe that crashes the kernel is named and the tests after it know."""
+    out = session.config.stash.get(_stream, None)
+    if out is None:
+        return
+    out.event(stream.SESSION, stream.encode({"host": probe.host_identity()}))
+    out.event(stream.COLLECTED, stream.encode([item.nodeid for item in session.items]))
+    for group in features.GROUPS:
+        out.event(stream.PROBE_START, group)
+        out.set_deadline()
+        det = features.detect(group)
+        out.clear_deadline()
+        out.event(stream.PROBE_END, stream.encode({"group": group, "state": det.state, "how": det.how}))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """In a qualify guest: announce the test, arm /init's deadline, send the verdict as soon as it is reached."""
+    out = item.config.stash.get(_stream, None)
+    if out is None:
+        return (yield)
+    props = dict(item.user_properties)
+    out.event(stream.TEST_START, stream.encode({"nodeid": item.nodeid, "catalog": props["catalog"],
+                                                "groups": props["groups"]}))
+    out.set_deadline()
+    hook = stream.cmdline_hook(item.nodeid)
+    if hook:
+        stream.force(hook)
+    try:
+        return (yield)
+    finally:
+        out.clear_deadline()
+        if item.nodeid in _tests:
+            out.event(stream.TEST_END, stream.encode(_tests[item.nodeid]))
 
 
 def _needs_kvm(item: pytest.Item) -> bool:
@@ -111,6 +187,9 @@ _watch = pytest.StashKey[tuple[health.Watch, set[str]]]()
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> object:
+    blocked = dict(item.user_properties).get("blocked")
+    if blocked:
+        raise pytest.skip.Exception(blocked, _use_item_location=True)
     if _needs_kvm(item):
         item.stash[_watch] = (health.Watch(), _kvm_fds())
         reason = item.config.stash.get(_device_skip, None)
@@ -145,6 +224,9 @@ def pytest_runtest_teardown(item: pytest.Item) -> object:
     if leaked:
         problems.append(f"test leaked KVM file descriptors: {', '.join(leaked)}")
     if problems:
+        found = guardian.kernel_crash(watch.lines)
+        if found:       # a kernel report, not just a failed check: the test is crashed, titled from the report
+            item.user_properties.append((guardian.CRASH, found))
         raise AssertionError("kernel health / resource check failed:\n" + "\n".join(problems))
     return result
 
@@ -190,18 +272,27 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         entry["groups"] = props["groups"]
     if report.failed and props.get("precondition"):
         new = "error"
+    elif report.skipped and _message(report).startswith(BLOCKED):
+        new = "blocked"
     elif report.failed and str(report.longrepr).startswith(XPASS_STRICT):
         new = "unexpected-pass"
     else:
         new = results.outcome_of(report.when, report.outcome, hasattr(report, "wasxfail"))
+    if report.failed and props.get(guardian.CRASH):    # a kernel report in the test, or its process died
+        new = "crashed"
     merged = results.merge(entry["outcome"], new)
     if merged != entry["outcome"]:
         entry["outcome"] = merged
         entry["message"] = _message(report)
+        if merged == "crashed":
+            entry.update(guardian.crash_fields(props[guardian.CRASH]))
     entry["duration"] = round(entry["duration"] + report.duration, 4)
 
 
 def _message(rep: pytest.TestReport) -> str:
+    crashed = dict(rep.user_properties).get(guardian.CRASH)
+    if rep.failed and crashed:
+        return crashed["title"]
     if rep.outcome == "skipped" and isinstance(rep.longrepr, tuple):
         return rep.longrepr[2].removeprefix("Skipped: ")
     if hasattr(rep, "wasxfail"):
@@ -218,32 +309,40 @@ def _message(rep: pytest.TestReport) -> str:
     return ""
 
 
+def _document(config: pytest.Config, exitstatus: int) -> dict:
+    """The results as far as the run got: the whole run at its end, or what a guardian starts from (-n 0)."""
+    tests = [t for t in _tests.values() if t["outcome"]]
+    detections = features.detect_all()
+    required = config.stash[_results]["required"]
+    return guardian.add_crashes(results.build(probe.host_identity(), detections,
+                                              features.findings(detections, config.stash[_results]["cap_numbers"]),
+                                              sorted(required), tests, exitstatus))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if _is_worker(config):
         return
-    tests = [t for t in _tests.values() if t["outcome"]]
-    detections = features.detect_all()
-    required = config.stash[_results]["required"]
-    doc = results.build(probe.host_identity(), detections,
-                        features.findings(detections, config.stash[_results]["cap_numbers"]),
-                       sorted(required), tests, int(exitstatus))
+    doc = _document(config, int(exitstatus))
     if results.required_absent(doc) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         doc["exitstatus"] = int(session.exitstatus)
     config.stash[_doc] = doc
     path = config.getoption("kvmtests_json")
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(doc, indent=1))
+        guardian.write_json(path, doc)
 
 
-def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> None:
-    doc = config.stash.get(_doc, None)
-    if doc is None or config.getoption("no_kvmtests_summary"):
-        return
-    terminalreporter.section("kvmtests summary")
-    terminalreporter.line(results.render(doc))
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> Generator[None]:
+    """The summary after pytest's own, short test summary included: the table is what a person reads last."""
+    try:
+        return (yield)
+    finally:
+        doc = config.stash.get(_doc, None)
+        if doc is not None and not config.getoption("no_kvmtests_summary"):
+            terminalreporter.section("kvmtests summary")
+            terminalreporter.line(results.render(doc))
 
 
 class Series:
@@ -259,6 +358,8 @@ class Series:
         """True: check the patched expectation; False: the upstream one. Unknown skips. A required group
         always runs its patched expectation: the gate is one line per absent group in the summary."""
         det = features.detect(group)
+        if det.state == features.CRASHED:
+            raise pytest.skip.Exception(f"{BLOCKED}{det.how}", _use_item_location=True)
         if det.state == features.PRESENT or group in self.required:
             return True
         if det.state == features.UNKNOWN:
