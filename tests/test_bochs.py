@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import shutil
 import sys
 import tarfile
@@ -16,6 +17,8 @@ import pytest
 from kvmtests.machine import host
 from kvmtests.runner import bochs, console, initramfs, qualify, rootfs
 from kvmtests.runner.console import RunnerError
+from kvmtests.runner.monitor import Monitor
+from kvmtests.verdict import report
 
 from test_qualify import elf, make_image, make_modules, one_error_line, read_cpio, run_cli
 
@@ -201,16 +204,20 @@ def test_cli_accel_with_bochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_report_names_the_emulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = console.RunResult(returncode=1, timed_out=None, elapsed=9.0, marks={}, tail=["[ 1.0] Kernel panic"])
-    assert qualify.report(tmp_path, run, 300, 3600, "Bochs") == qualify.EXIT_NO_VERDICT
+    assert qualify.no_suite(tmp_path, run, 300, 3600, "Bochs") == qualify.EXIT_NO_VERDICT
     assert "(Bochs exit status 1 after 9 s)" in capsys.readouterr().out
 
 
 def test_run_console_stops_at_the_panic_line(tmp_path: Path) -> None:
+    """Bochs reboots a panicked kernel rather than exit: the monitor ends the run at the panic's last line."""
     script = "import time\nprint('Kernel panic - not syncing: x', flush=True)\n" \
              "print('---[ end Kernel panic - not syncing: x ]---', flush=True)\ntime.sleep(60)"
-    run = console.run_console([sys.executable, "-c", script], tmp_path / "log", 60, 60, ends_run=qualify.PANIC_END)
+    monitor = Monitor(1, 0, 0, can_nmi=False)
+    run = console.run_console([sys.executable, "-c", script], tmp_path / "log", 60, 60, monitor=monitor)
     assert run.timed_out is None and run.elapsed < 20
     assert run.tail[-1].startswith("---[ end Kernel panic")
+    assert [(c.report.kind, c.report.title, c.during) for c in monitor.crashes] == [
+        ("panic", "kernel panic: x", "boot")]
 
 
 def test_cli_runs_fake_bochs_and_unpacks_results(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -220,7 +227,8 @@ def test_cli_runs_fake_bochs_and_unpacks_results(tmp_path: Path, capsys: pytest.
     busybox = tmp_path / "busybox"
     busybox.write_bytes(elf())
     results = tmp_path / "out"
-    digest, body = encoded({"rc": b"0\n", "junit.xml": b"<testsuites/>"})
+    doc = report.build({"kernel": "6.99.0-test"}, {}, [], [], [], 0)
+    digest, body = encoded({"rc": b"0\n", "junit.xml": b"<testsuites/>", "results.json": json.dumps(doc).encode()})
     fake = tmp_path / "bochs-bin"
     fake.write_text(f"""#!{sys.executable}
 import sys, pathlib
@@ -245,4 +253,5 @@ sys.exit(1)
     assert "1 passed" in out and "under Bochs, corei7_haswell_4770 at 100 MIPS, 1 vCPU, 2048 MB" in out
     assert "(Bochs start until the suite started)" in out
     assert (results / "rc").read_text() == "0\n" and (results / "junit.xml").read_text() == "<testsuites/>"
+    assert report.load(results / "results.json")["boots"] == 1
     assert "results-begin" in (results / "console.log").read_text()

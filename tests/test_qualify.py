@@ -19,8 +19,10 @@ from pathlib import Path
 import hypothesis
 import pytest
 
-from kvmtests.runner import console, initramfs, qemu, qualify
+from kvmtests.runner import console, initramfs, qemu, qualify, resume
 from kvmtests.runner.console import RunnerError
+from kvmtests.runner.monitor import Monitor
+from kvmtests.verdict import report
 
 pytestmark = pytest.mark.selftest
 
@@ -89,7 +91,8 @@ def make_image(root: Path, release: str = RELEASE) -> Path:
 
 
 def read_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
-    """Parse a newc archive into name -> (mode, data, (rdevmajor, rdevminor))."""
+    """Parse newc archives, one after the other as the kernel reads an initramfs, into
+    name -> (mode, data, (rdevmajor, rdevminor))."""
     entries: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
     pos = 0
     while True:
@@ -99,8 +102,10 @@ def read_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
         name = data[pos + 110: pos + 110 + namesize - 1].decode()
         pos += 110 + namesize
         pos += -pos % 4
-        if name == "TRAILER!!!":
+        if name == "TRAILER!!!" and pos == len(data):
             return entries
+        if name == "TRAILER!!!":
+            continue
         entries[name] = (fields[1], data[pos: pos + filesize], (fields[9], fields[10]))
         pos += filesize
         pos += -pos % 4
@@ -132,7 +137,9 @@ def test_qemu_command_shares_root_readonly_and_results_writable(tmp_path: Path) 
     pairs = dict(zip(cmd[1::2], cmd[2::2])) | dict(zip(cmd[2::2], cmd[3::2]))
     assert pairs["-kernel"] == "/k" and pairs["-initrd"] == "/i" and pairs["-append"] == "console=ttyS0 panic=-1"
     assert pairs["-cpu"] == "max" and pairs["-smp"] == "1" and pairs["-m"] == "2G"
-    assert "accel=tcg" in pairs["-machine"] and pairs["-serial"] == "stdio"
+    assert "accel=tcg" in pairs["-machine"]
+    assert pairs["-chardev"] == "stdio,id=console,mux=on,signal=off", "console on stdout, the monitor on stdin"
+    assert pairs["-serial"] == "chardev:console" and pairs["-mon"] == "chardev=console,mode=readline"
     fsdevs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-fsdev"]
     assert fsdevs[0] == "local,id=hostroot,path=/,security_model=none,multidevs=remap,readonly=on"
     assert fsdevs[1] == f"local,id=results,path={tmp_path},security_model=none,multidevs=remap"
@@ -140,8 +147,12 @@ def test_qemu_command_shares_root_readonly_and_results_writable(tmp_path: Path) 
 
 
 def test_parse_mark() -> None:
+    """The marker counts anywhere in a line: pytest's progress letters may stand before an event."""
     assert console.parse_mark("@@kvmtests@@ suite-start 3.10 ") == "suite-start"
-    assert console.parse_mark("[    1.0] @@kvmtests@@ suite-start") is None
+    assert console.parse_mark("[    1.0] @@kvmtests@@ suite-start") == "suite-start"
+    assert console.parse_mark("tests/test_layout.py ..@@kvmtests@@ test-start 4.2 eJwD") == "test-start"
+    assert console.parse_mark("[    1.0] kvmtests: insmod kvm failed") is None
+    assert console.parse_mark("@@kvmtests@@") is None
     assert console.parse_mark("") is None
 
 
@@ -296,11 +307,31 @@ def test_init_script_runs_suite_in_overlay_and_powers_off(tmp_path: Path) -> Non
     lines = script.splitlines()
     run = shlex.split(next(line for line in lines if line.startswith("env -i")))
     assert run == ["env", "-i", "HOME=/root", "KVMTESTS_ACCEL=tcg", "chroot", "/newroot", "/bin/sh", "-c",
-                   "cd '/src/kvm tests' && exec /usr/bin/python3 -m pytest -x"]
+                   "cd '/src/kvm tests' && exec /usr/bin/python3 -m pytest -x", "&"], "beside its watchdog"
+    assert f"/newroot{initramfs.DEADLINE_FILE}" in script, "the watchdog reads the deadline inside the suite's root"
     order = [next(i for i, l in enumerate(lines) if l.startswith(p))
-             for p in ("load base", "mark suite-start", "env -i", "echo $rc >", "poweroff -f")]
+             for p in ("load base", "mark suite-start", "env -i", "wait $suite", "mark suite-end", "echo $rc >",
+                       "poweroff -f")]
     assert order == sorted(order)
     assert "ro,cache=loose" in script
+
+
+def test_watchdog_prints_the_overdue_suite_stacks_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/init's watchdog, run by a real shell: a deadline in the past gives one block of the suite's task stacks."""
+    deadline = tmp_path / "deadline"
+    deadline.write_text("0\n")
+    monkeypatch.setattr(initramfs, "DEADLINE_FILE", str(deadline))
+    suite = initramfs.GuestPlan(project_dir=tmp_path, command=[shutil.which("sleep") or "sleep", "3"], env={},
+                                results_dir=tmp_path, root_tag="", results_tag="")
+    mark = next(line for line in initramfs.init_script(suite).splitlines() if line.startswith("mark()"))
+    out = subprocess.run(["sh", "-c", f"{mark}\n{initramfs._suite(suite, '')}"], capture_output=True, text=True,
+                         timeout=30).stdout.splitlines()
+    marks = [console.parse_mark(line) for line in out]
+    assert [m for m in marks if m] == ["suite-start", "hang-stacks", "hang-stacks-end", "suite-end"]
+    task = out[marks.index("hang-stacks") + 1]
+    assert task.startswith("task sleep tid ") and task.split()[-2:] == ["state", "S"]
+    assert out[-1].endswith(" rc=0") and not deadline.exists()
+    assert all(line.startswith("  ") for line in out[marks.index("hang-stacks") + 2: marks.index("hang-stacks-end")])
 
 
 # --- qualify inputs -------------------------------------------------------------------------------
@@ -337,11 +368,14 @@ def test_suite_command_and_env(tmp_path: Path) -> None:
     assert "-p" in cmd and "no:cacheprovider" in cmd
     assert f"--junitxml={tmp_path / 'junit.xml'}" in cmd and cmd[-2:] == ["-k", "x"]
     assert f"--kvmtests-json={tmp_path / 'results.json'}" in cmd and "--no-kvmtests-summary" in cmd
+    assert "--kvmtests-stream=/dev/console" in cmd, "each verdict reaches the host as it happens"
     assert qualify.suite_command(tmp_path, [])[-2:] == ["-m", "not selftest"], "self-tests need no guest"
-    env = qualify.guest_env("tcg", {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "SECRET": "x"})
+    env = qualify.guest_env("tcg", {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "SECRET": "x"}, tmp_path, 300)
     assert env == {"HOME": "/h", "PATH": "/p", "KVMTESTS_GATE": "all", "KVMTESTS_ACCEL": "tcg", "TERM": "dumb",
-                   "KVMTESTS_HYPOTHESIS_PROFILE": "qualify"}
-    assert qualify.guest_env("tcg", {"KVMTESTS_HYPOTHESIS_PROFILE": "long"})["KVMTESTS_HYPOTHESIS_PROFILE"] == "long"
+                   "KVMTESTS_HYPOTHESIS_PROFILE": "qualify", "KVMTESTS_RESUME": str(tmp_path / "resume.json"),
+                   "KVMTESTS_TEST_TIMEOUT": "300", "KVMTESTS_DEADLINE_FILE": initramfs.DEADLINE_FILE}
+    long = qualify.guest_env("tcg", {"KVMTESTS_HYPOTHESIS_PROFILE": "long"}, tmp_path, 0.5)
+    assert long["KVMTESTS_HYPOTHESIS_PROFILE"] == "long" and long["KVMTESTS_TEST_TIMEOUT"] == "0.5"
     assert "kvmtests.accel=tcg" in qualify.kernel_cmdline("tcg") and "panic=-1" in qualify.kernel_cmdline("tcg")
     assert qualify.kernel_cmdline("tcg", "kvm.tdp_mmu=N").endswith("kvmtests.accel=tcg kvm.tdp_mmu=N")
 
@@ -390,14 +424,20 @@ def run_result(marks: dict[str, float], timed_out: str | None = None, rc: int | 
                           tail=[f"line {i}" for i in range(20)])
 
 
-def test_report_returns_suite_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "rc").write_text("1\n")
+def test_report_cell_returns_suite_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One boot that finished: the suite's exit status, its phase times, and its own JUnit file kept."""
     (tmp_path / "junit.xml").write_text("<testsuites/>")
-    code = qualify.report(tmp_path, run_result({"suite-start": 4.0, "suite-end": 10.5}), 300, 3600)
+    doc = report.build({"kernel": RELEASE}, {}, [], [], [{"nodeid": "t.py::a", "outcome": "failed", "message": "E x",
+                                                          "catalog": [], "groups": [], "duration": 0.1}], 1)
+    boot = resume.Boot(Monitor(1, 300, 30, True), run_result({"suite-start": 4.0, "suite-end": 10.5}), doc)
+    code = qualify.report_cell(tmp_path, [boot], "", argparse.Namespace(require=""), RELEASE, "QEMU")
     out = capsys.readouterr().out
-    assert code == 1
-    assert "boot 4.0 s" in out and "suite 6.5 s" in out
-    assert f"JUnit XML: {tmp_path / 'junit.xml'}" in out and "JSON:" not in out
+    assert code == 1 and (tmp_path / "rc").read_text() == "1\n"
+    assert "qualify: boot 4.0 s (QEMU start until the suite started), suite 6.5 s" in out
+    assert f"JUnit XML: {tmp_path / 'junit.xml'}" in out and f"JSON: {tmp_path / 'results.json'}" in out
+    assert (tmp_path / "junit.xml").read_text() == "<testsuites/>", "one whole boot: the guest's own JUnit stays"
+    assert report.load(tmp_path / "results.json")["tests"] == doc["tests"]
+    assert "boots" not in out and "CRASH" not in out and "INCOMPLETE" not in out
 
 
 @pytest.mark.parametrize("marks, timed_out, expected, code", [
@@ -406,25 +446,25 @@ def test_report_returns_suite_exit_code(tmp_path: Path, capsys: pytest.CaptureFi
     ({}, None, "kernel did not reach the test runner (QEMU exit status 0 after 9 s)", qualify.EXIT_NO_VERDICT),
     ({"suite-start": 3.0}, None, "the guest stopped before the suite finished", qualify.EXIT_NO_VERDICT),
 ])
-def test_report_guest_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str], marks: dict[str, float],
+def test_no_suite_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str], marks: dict[str, float],
                                timed_out: str | None, expected: str, code: int) -> None:
-    assert qualify.report(tmp_path, run_result(marks, timed_out), 300, 3600) == code
+    assert qualify.no_suite(tmp_path, run_result(marks, timed_out), 300, 3600) == code
     out = capsys.readouterr().out.splitlines()
     failure = [line for line in out if line.startswith("qualify: ") and "boot" not in line.split()[1]]
     assert len(failure) == 1 and expected in failure[0] and str(tmp_path / "console.log") in failure[0]
     assert out[-1] == "  | line 19" and len([line for line in out if line.startswith("  | ")]) == 20
 
 
-def test_report_empty_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_suite_empty_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = console.RunResult(returncode=None, timed_out="boot", elapsed=300.0)
-    assert qualify.report(tmp_path, run, 300, 3600) == qualify.EXIT_TIMEOUT
+    assert qualify.no_suite(tmp_path, run, 300, 3600) == qualify.EXIT_TIMEOUT
     assert capsys.readouterr().out.splitlines()[-1] == "  | (the console printed nothing)"
 
 
-def test_report_init_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_suite_init_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = run_result({"init-failed": 2.0})
     run.tail.append("@@kvmtests@@ init-failed 0 cannot mount the host root over 9p")
-    assert qualify.report(tmp_path, run, 300, 3600) == qualify.EXIT_NO_VERDICT
+    assert qualify.no_suite(tmp_path, run, 300, 3600) == qualify.EXIT_NO_VERDICT
     assert "the guest's /init failed: cannot mount the host root over 9p" in capsys.readouterr().out
 
 
@@ -522,6 +562,19 @@ def test_sigterm_ends_the_emulator_too(tmp_path: Path, busybox: Path) -> None:
                 os.kill(emulator, signal.SIGKILL)
 
 
+def test_suite_echo_shows_pytests_progress_but_no_events(capsys: pytest.CaptureFixture[str]) -> None:
+    """The live output is the suite's: its progress as pytest wrote it (glued to the event lines), not the kernel's or
+    the events."""
+    echo = qualify.suite_echo()
+    for line in ["[    1.2] Run /init as init process", "@@kvmtests@@ suite-start 1.0", "collected 2 items", "",
+                 "@@kvmtests@@ test-start 1.1 eJwD", "tests/test_a.py .@@kvmtests@@ test-end 1.2 eJwD",
+                 "@@kvmtests@@ test-start 1.3 eJwD", "F@@kvmtests@@ test-end 1.4 eJwD", "   [100%]",
+                 "== 1 failed, 1 passed ==", "@@kvmtests@@ suite-end 2.0 rc=1", "[    3.0] reboot: Power down"]:
+        echo(line)
+    assert capsys.readouterr().out.splitlines() == ["collected 2 items", "", "tests/test_a.py .F   [100%]",
+                                                    "== 1 failed, 1 passed =="]
+
+
 def test_cli_runs_fake_qemu_and_collects_results(tmp_path: Path, busybox: Path, capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole flow with a stand-in QEMU that plays the guest: writes rc and junit.xml into the share."""
@@ -529,11 +582,16 @@ def test_cli_runs_fake_qemu_and_collects_results(tmp_path: Path, busybox: Path, 
     results = tmp_path / "out"
     fake = tmp_path / "qemu"
     fake.write_text(f"""#!{sys.executable}
-import sys, pathlib
+import gzip, json, sys, pathlib
+from kvmtests.verdict import report
 args = sys.argv
-assert "-initrd" in args and pathlib.Path(args[args.index("-initrd") + 1]).stat().st_size > 0
+initrd = gzip.decompress(pathlib.Path(args[args.index("-initrd") + 1]).read_bytes())
+assert b"--kvmtests-stream=/dev/console" in initrd and b"KVMTESTS_RESUME=" in initrd
 print("@@kvmtests@@ suite-start 1.0")
 print("1 passed")
+test = {{"nodeid": "t.py::a", "outcome": "passed", "message": "", "catalog": [], "groups": [], "duration": 0.1}}
+doc = report.build({{"kernel": "{RELEASE}"}}, {{}}, [], [], [test], 0)
+pathlib.Path({str(results)!r}, "results.json").write_text(json.dumps(doc))
 pathlib.Path({str(results)!r}, "junit.xml").write_text("<testsuites/>")
 pathlib.Path({str(results)!r}, "rc").write_text("0")
 print("@@kvmtests@@ suite-end 2.0 rc=0")
@@ -547,6 +605,8 @@ print("@@kvmtests@@ suite-end 2.0 rc=0")
     assert "1 passed" in out and "under QEMU tcg, -cpu max, 1 vCPU, 2G" in out
     assert f"console log: {results / 'console.log'}" in out
     assert "suite-start" in (results / "console.log").read_text()
+    assert [t["nodeid"] for t in report.load(results / "results.json")["tests"]] == ["t.py::a"]
+    assert (results / "junit.xml").read_text() == "<testsuites/>" and (results / "rc").read_text() == "0\n"
     built_in = make_image(tmp_path / "monolithic", "7.0")
     assert run_cli(["--kernel", str(built_in), "--results", str(results), "--accel", "tcg"]) == 0
     out = capsys.readouterr().out

@@ -413,14 +413,17 @@ def end_matrix(done: list[tuple[int, str, str, Path, int]]) -> int:
 
 
 def suite_echo() -> Callable[[str], None]:
-    """Show the suite's own console output live, without the kernel's boot messages or the suite's events."""
+    """Show the suite's own console output live, without the kernel's boot messages or the suite's events (pytest's
+    progress, printed without a newline, stands before the next event on its line)."""
     state = {"on": False}
 
     def echo(line: str) -> None:
         mark = console.parse_mark(line)
         if mark in (console.SUITE_START, console.SUITE_END):
             state["on"] = mark == console.SUITE_START
-        elif state["on"] and not mark:
+        elif state["on"] and stream.MARK in line:
+            print(line.split(stream.MARK, 1)[0], end="", flush=True)
+        elif state["on"]:
             print(line, flush=True)
 
     return echo
