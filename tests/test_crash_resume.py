@@ -454,7 +454,7 @@ def test_a_hang_ends_at_the_test_deadline_with_the_guests_stacks(under_qemu: Run
 
 
 @pytest.mark.parametrize("kind, title", [
-    ("silent", rf"hang: no progress for \d+ s in {re.escape(XMM_GET)} \(no kernel stack\)"),
+    ("silent", "hang with no kernel stack"),
     ("nmi", "hang in svm_vcpu_run"),
 ], ids=["silent", "nmi"])
 def test_a_silent_hang_ends_at_the_hosts_deadline(under_qemu: Run, monkeypatch: pytest.MonkeyPatch, kind: str,

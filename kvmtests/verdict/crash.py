@@ -214,7 +214,6 @@ def scan(lines: list[str]) -> list[Report]:
 def hang_report(stacks: list[str], silent_for: float, where: str) -> Report:
     """A hang the kernel did not report itself: titled from the stacks the guest or the emulator gave, if any."""
     function = stack_function(stacks) or rip_function(stacks)
-    head = "hang"
-    detail = f"no progress for {silent_for:.0f} s in {where}"
-    return Report(HANG, f"{head} in {function}" if function else f"{head}: {detail} (no kernel stack)",
+    detail = f"no progress for {silent_for:.0f} s in {where}" + ("" if stacks else "; no kernel stack came")
+    return Report(HANG, f"hang in {function}" if function else "hang with no kernel stack",
                   [detail, *stacks[:MAX_LOG_LINES]])

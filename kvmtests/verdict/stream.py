@@ -125,4 +125,7 @@ def force(kind: str) -> None:
     from kvmtests.machine.kvm import Kvm
     with Kvm() as kvm, kvm.create_vm() as vm:
         m = guest.build(vm, guest.load_payload("basic"), entry="spin")
+        regs = m.vcpu.get_regs()
+        regs.rflags |= guest.RFLAGS_IF    # interruptible, so the guest's kernel still schedules (Bochs, spec 5)
+        m.vcpu.set_regs(regs)
         uapi.ioctl(m.vcpu.fd, uapi.KVM_RUN)   # never returns: the runner's deadline must catch it
