@@ -4,8 +4,9 @@ from typing import NoReturn
 
 import pytest
 
+from kvmtests import uapi
 from kvmtests.machine import hyperv, memfault
-from kvmtests.machine.kvm import Kvm, Vm
+from kvmtests.machine.kvm import Exit, Kvm, Vm
 from kvmtests.verdict import features
 
 
@@ -32,6 +33,16 @@ def fault_rule_for(series: object) -> memfault.FaultRule:
 def fault_rule(series: object) -> memfault.FaultRule:
     """The shared insn_len expectation, so a wrong byte 56 fails every row that provokes an exit."""
     return fault_rule_for(series)
+
+
+@pytest.fixture
+def xmm_capture(series: object) -> bool | None:
+    """What hcall.xmm of a fast exit must hold (hvexits): XMM0-5 where P01 is detected or required, the sentinel
+    where it is absent, either where detection cannot tell; so every row with a fast exit checks it."""
+    state = series.detection("xmm_output").state
+    if state == features.PRESENT or "xmm_output" in series.required:
+        return True
+    return False if state == features.ABSENT else None
 
 
 class Deviation:
@@ -72,3 +83,32 @@ class MarkerRecorder:
 def marker_recorder() -> MarkerRecorder:
     """For self-tests of the helpers that mark a row as a known deviation."""
     return MarkerRecorder()
+
+
+class CraftedVcpu:
+    """A vCPU whose KVM_RUN returns ret/errno and writes exit_reason (unless None) and the memory_fault fields given."""
+
+    id = 0
+
+    def __init__(self, ret: int, err: int, reason: int | None, **fields: int):
+        self.run_struct = uapi.ffi.new("struct kvm_run *")
+        self.ret, self.err, self.reason, self.fields = ret, err, reason, fields
+        self.last_exit: Exit | None = None
+        self.regs = uapi.ffi.new("struct kvm_regs *", {"rip": 0x101000, "rax": 0x5A})
+
+    def run(self, timeout: float) -> Exit:
+        if self.reason is not None:
+            self.run_struct.exit_reason = self.reason
+        for name, value in self.fields.items():
+            setattr(self.run_struct.x.memory_fault, name, value)
+        self.last_exit = Exit(self.ret, self.err, self.run_struct.exit_reason)
+        return self.last_exit
+
+    def get_regs(self) -> object:
+        return self.regs
+
+
+@pytest.fixture
+def crafted_vcpu() -> type[CraftedVcpu]:
+    """For self-tests of the helpers that run a vCPU and read its exit (memfault.run_for_fault and its users)."""
+    return CraftedVcpu

@@ -218,13 +218,18 @@ class FakeProber:
         return gpa + memfault.EXEC_OFFSET
 
     def access(self, kind: str, gpa: int, value: int = 0) -> memfault.Outcome:
-        page, length = gpa // PAGE, None if kind == EXEC else 3
+        page, length, insn = gpa // PAGE, None if kind == EXEC else 3, gpa if kind == EXEC else 0x100000
+        before = self.vm.mem.get(page, 0).to_bytes(memfault.ACCESS_BYTES, "little")
+        written = value if kind == WRITE else None
         if self.vm.attrs.get(page, 0) & memfault.DENIED_BY[kind]:
             fault = memfault.Fault(memfault.FLAG_OF[kind], page * PAGE, PAGE, 0)
-            return memfault.Outcome(kind, gpa, False, None, fault, 0, "memory fault", length, self.rule)
+            return memfault.Outcome(kind, gpa, False, None, fault, insn, "memory fault", insn, (before, before),
+                                    written, length, self.rule)
         if kind == WRITE:
             self.vm.mem[page] = value
-        return memfault.Outcome(kind, gpa, True, self.vm.mem.get(page, 0), None, 0, "done", length, self.rule)
+        after = self.vm.mem.get(page, 0)
+        return memfault.Outcome(kind, gpa, True, after, None, insn + 3, "done", insn,
+                                (before, after.to_bytes(memfault.ACCESS_BYTES, "little")), written, length, self.rule)
 
 
 def fake_machine(lose_last: bool) -> type:

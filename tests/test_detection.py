@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import pytest
 
 from kvmtests import hvtlfs, uapi
-from kvmtests.machine import guest, hyperv
+from kvmtests.machine import guest, hyperv, memfault
 from kvmtests.verdict import features, report
 from kvmtests.verdict.features import Detection
 
@@ -92,6 +92,24 @@ def test_no_fallback_without_a_failed_probe(monkeypatch):
     probe = fallback_probe(monkeypatch, features.FaultSeen(WRITE, 0, features.NW_WRITE.what))
     assert (probe.what, probe.fallback, probe.deviations) == (features.NW_WRITE.what, "", ())
     assert "fallback" not in features._fault_flags(None).how
+
+
+@pytest.mark.parametrize("ret,err,shown", [(0, 0, "KVM_RUN returned 0"), (-1, errno.EINTR, "KVM_RUN returned -1 (EINTR)")],
+                         ids=["ret-0", "eintr"])
+def test_fault_probe_exit_needs_minus_one_efault(monkeypatch, crafted_vcpu, ret, err, shown):
+    """Exit 39 with another return is no memory-fault exit (35): the finding shows what KVM_RUN gave and the triple."""
+    monkeypatch.setattr(memfault, "intel_ept", lambda: False)
+    fields = {"flags": WRITE, "gpa": guest.DATA_GPA, "size": 0x1000, "insn_len": 0}
+
+    def exit_of(ret: int, err: int, reason: int) -> features.FaultSeen | str:
+        vcpu = crafted_vcpu(ret, err, reason, **fields)
+        return features._fault_exit(guest.Machine(None, None, None, vcpus=[vcpu]), features.NW_WRITE)
+    assert exit_of(-1, errno.EFAULT, uapi.KVM_EXIT_MEMORY_FAULT) == features.FaultSeen(WRITE, 0, features.NW_WRITE.what)
+    probe = fallback_probe(monkeypatch, exit_of(ret, err, uapi.KVM_EXIT_MEMORY_FAULT))
+    assert probe.deviations == (
+        f"rwx_attributes (P12-P16) probe contradicts catalog 35: write to an NW page gave {shown}, KVM_EXIT_MEMORY_FAULT: "
+        "flags WRITE gpa 0x200000 size 0x1000 insn_len(byte 56) 0 at RIP 0x101000, not a memory-fault exit (KVM_RUN "
+        "-1/EFAULT, exit 39); expected KVM_RUN -1/EFAULT with exit 39",)
 
 
 EXIT = hyperv.Outcome(exited=True, input=hvtlfs.HVCALL_VTL_CALL, params=(0, 0))

@@ -113,14 +113,11 @@ def test_write_to_nw_page_exit_fields(prober, series):
 
 @pytest.mark.catalog(45, 46)
 def test_denied_write_is_not_retired_until_attributes_clear(prober, series):
+    """Each exit leaves RIP on the write and the page untouched (expect_fault checks both on every exit)."""
     vm = prober.m.vm
     memfault.set_attrs(vm, PAGE_A, PAGE, NW, 45)
-    first = prober.access(WRITE, PAGE_A + OFF, value=0xFEED)
-    expect_fault(first, WRITE, PAGE_A, 45, flag(series, WRITE))
-    again = prober.resume(WRITE, PAGE_A + OFF)
-    expect_fault(again, WRITE, PAGE_A, 45, flag(series, WRITE))
-    assert again.rip == first.rip, f"catalog 45: RIP moved from {first.rip:#x} to {again.rip:#x} after a denied write"
-    assert vm.read(PAGE_A + OFF, 8) == PATTERN.to_bytes(8, "little"), "catalog 45: the denied write reached memory"
+    expect_fault(prober.access(WRITE, PAGE_A + OFF, value=0xFEED), WRITE, PAGE_A, 45, flag(series, WRITE))
+    expect_fault(prober.resume(WRITE, PAGE_A + OFF), WRITE, PAGE_A, 45, flag(series, WRITE))
     memfault.set_attrs(vm, PAGE_A, PAGE, 0, 46)
     expect_done(prober.resume(WRITE, PAGE_A + OFF), 46)
     assert vm.read(PAGE_A + OFF, 8) == (0xFEED).to_bytes(8, "little"), "catalog 46: the write did not complete"
@@ -304,6 +301,7 @@ def test_private_page_access_flags(kvm, series, fault_rule, kind, row):
 # --- section D: instruction length -------------------------------------------------------------------
 
 INSN_PAGE = guest.DATA_GPA
+INSN_TARGET = INSN_PAGE + 0x200        # where every row of insn_len.S reads or writes (its TARGET)
 
 
 def insn_rows() -> list:
@@ -314,18 +312,21 @@ def insn_rows() -> list:
             for k in "rw" for n in range(1, 16)]
 
 
+def insn_access(vm, name: str, kind: str, rule: memfault.FaultRule) -> memfault.Outcome:
+    """One run of insn_len.S's row `name` (its instruction between `name`_insn and `name`_end) on INSN_TARGET."""
+    m = guest.build(vm, guest.load_payload("insn_len"), entry=name)
+    return memfault.run_access(m, kind, INSN_TARGET, f"{name}_insn", f"{name}_end", 1, rule)
+
+
 def insn_fault(vm, name: str, series, rule: memfault.FaultRule, row: str) -> tuple[int, memfault.Fault]:
     """Run one labelled instruction of insn_len.S against a restricted page: (its length, the fault, every field checked)."""
-    payload = guest.load_payload("insn_len")
-    m = guest.build(vm, payload, entry=name)
     kind = READ if name.startswith("r") else WRITE
     memfault.set_attrs(vm, INSN_PAGE, PAGE, NR | NW | NX if kind == READ else NW, 63)
-    _, fault = memfault.run_for_fault(m)
+    out = insn_access(vm, name, kind, rule)
     with series.precondition("rwx_attributes", f"catalog 35/44: {name} on a restricted page makes a memory-fault exit"):
-        assert fault is not None, f"got {m.describe()}"
-    length = payload.length(f"{name}_insn", f"{name}_end")
-    what = f"{name} ({length}-byte {kind}): {fault} ({memfault.backing(vm, INSN_PAGE)})"
-    return length, memfault.check_fault(fault, row, what, flag(series, kind), INSN_PAGE, rule.insn_lens(length), rule)
+        assert out.fault is not None, str(out)
+    return out.insn_length, expect_fault(out, kind, INSN_PAGE, f"{row} ({name}, {out.insn_length}-byte {kind})",
+                                         flag(series, kind))
 
 
 def require_insn_len(series) -> None:
@@ -382,18 +383,13 @@ def test_private_mismatch_exit_carries_insn_len(kvm, series):
     leaves kvm_run byte 56 untouched, so the sentinel run_for_fault writes there survives."""
     if not memfault.intel_ept():
         pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
-    patched = series.patched("fault_insn_len")
+    rule = memfault.FaultRule(series.patched("fault_insn_len"), exact=True)
     with kvm.create_vm(memfault.sw_protected_vm_type(kvm)) as vm:
-        payload = guest.load_payload("insn_len")
-        m = guest.build(vm, payload, entry="r3")
         memfault.set_attrs(vm, INSN_PAGE, PAGE, PRIVATE, 65)
-        _, fault = memfault.run_for_fault(m)
+        out = insn_access(vm, "r3", READ, rule)
         with series.precondition("core", "a read of a PRIVATE page without guest_memfd makes a memory-fault exit"):
-            assert fault is not None, f"got {m.describe()}"
-        lens, rule = ((frozenset({3}), "Intel EPT: the instruction length") if patched else
-                      (frozenset({memfault.SENTINEL}), "upstream: byte 56 untouched, the 0xa5 sentinel survives"))
-        memfault.check_fault(fault, 65, f"private read by mov (%rbx),%rax: {fault}", PRIVATE | flag(series, READ),
-                             INSN_PAGE, lens, rule)
+            assert out.fault is not None, str(out)
+        expect_fault(out, READ, INSN_PAGE, "65 (private read by mov (%rbx),%rax)", PRIVATE | flag(series, READ))
 
 
 SENTINEL_ROWS = [pytest.param("nw-write", marks=pytest.mark.catalog(66), id="66-nw-write-default-vm"),
@@ -402,28 +398,23 @@ SENTINEL_ROWS = [pytest.param("nw-write", marks=pytest.mark.catalog(66), id="66-
 
 @pytest.mark.parametrize("source", SENTINEL_ROWS)
 def test_insn_len_byte_overwrites_sentinel(kvm, series, source):
-    """kvm_run byte 56 pre-filled with 0xA5: P11 writes the length (0 on AMD without decode assists);
-    upstream leaves it."""
+    """kvm_run byte 56 pre-filled with 0xA5 (memfault.arm, before every run): P11 writes the length (0 on AMD
+    without decode assists); upstream leaves it."""
     if source == "nw-write":
         series.require("rwx_attributes")
-        vm_type, entry, value = uapi.KVM_X86_DEFAULT_VM, "write_data", NW
+        vm_type, name, kind, value = uapi.KVM_X86_DEFAULT_VM, "w3", WRITE, NW
     else:
-        vm_type, entry, value = memfault.sw_protected_vm_type(kvm), "read_data", PRIVATE
+        vm_type, name, kind, value = memfault.sw_protected_vm_type(kvm), "r3", READ, PRIVATE
     with kvm.create_vm(vm_type) as vm:
-        payload = guest.load_payload("probe")
-        m = guest.build(vm, payload, entry=entry)
-        memfault.set_attrs(vm, guest.DATA_GPA, PAGE, value, 66)
-        _, fault = memfault.run_for_fault(m)
+        memfault.set_attrs(vm, INSN_PAGE, PAGE, value, 66)
+        rule = memfault.FaultRule(series.patched("fault_insn_len"), memfault.intel_ept(), memfault.tdp() is False)
+        out = insn_access(vm, name, kind, rule)
         provider, what = (("rwx_attributes", "catalog 35: a write to an NW page") if source == "nw-write" else
                           ("core", "a read of a PRIVATE page without guest_memfd"))
         with series.precondition(provider, f"{what} makes a memory-fault exit"):
-            assert fault is not None, f"got {m.describe()}"
-        length = payload.length(f"{entry}_insn", f"{entry}_end")
-        rule = memfault.FaultRule(series.patched("fault_insn_len"), memfault.intel_ept(), memfault.tdp() is False)
-        kind = WRITE if entry == "write_data" else READ
+            assert out.fault is not None, str(out)
         flags = (PRIVATE if value == PRIVATE else 0) | flag(series, kind)
-        memfault.check_fault(fault, 66, f"{source}: kvm_run byte 56 pre-filled with {memfault.SENTINEL:#x}: "
-                             f"{fault}", flags, guest.DATA_GPA, rule.insn_lens(length), rule)
+        expect_fault(out, kind, INSN_PAGE, f"66 ({source})", flags)
 
 
 @pytest.mark.catalog(1, 3)

@@ -1,56 +1,47 @@
-/* Hyper-V hypercalls from a 64-bit CPL0 guest. The host sets RCX/RDX/R8 (and a RAX sentinel) and
- * the XMM input area; the guest loads XMM0-5 from it, issues the hypercall, stores XMM0-5 to the
- * output area and syncs RAX (stage 1, with RCX as the next argument: KVM never writes RCX, so an
- * unchanged RCX shows that the guest resumed exactly after the 3-byte VMCALL/VMMCALL, whose tail
+/* Hyper-V hypercalls from a 64-bit CPL0 guest. The host sets RCX/RDX/R8, a RAX sentinel, seeded RFLAGS and an
+ * FXSAVE image: the guest restores XMM0-15 and MXCSR from it (FXRSTOR: memory forms only, some hosts emulate no
+ * SSE register form and no LDMXCSR), issues the hypercall, stores RFLAGS (before any instruction can change it),
+ * RDX, R8 and an FXSAVE image to the report area and syncs RAX (stage 1, with RCX as the next argument: KVM never
+ * writes RCX, so an unchanged RCX shows that the guest resumed exactly after the 3-byte VMCALL/VMMCALL, whose tail
  * bytes would add into ECX). A #UD is reported by the exception handler. */
 .include "common.inc"
 
-.set XMM_IN, UCALL_GPA + 0x800
-.set XMM_OUT, UCALL_GPA + 0x880
+.set REGS_IN, UCALL_GPA + 0x800     /* FXSAVE image: MXCSR at +24, XMM0-15 at +160 */
+.set REGS_OUT, UCALL_GPA + 0xA00    /* FXSAVE image after the call, then RDX +0x200, R8 +0x208, RFLAGS +0x210 */
 
 _start:
 	GUEST_DONE
 
-load_xmm:
-	movdqu XMM_IN + 0x00, %xmm0
-	movdqu XMM_IN + 0x10, %xmm1
-	movdqu XMM_IN + 0x20, %xmm2
-	movdqu XMM_IN + 0x30, %xmm3
-	movdqu XMM_IN + 0x40, %xmm4
-	movdqu XMM_IN + 0x50, %xmm5
-	ret
-
-store_xmm:
-	movdqu %xmm0, XMM_OUT + 0x00
-	movdqu %xmm1, XMM_OUT + 0x10
-	movdqu %xmm2, XMM_OUT + 0x20
-	movdqu %xmm3, XMM_OUT + 0x30
-	movdqu %xmm4, XMM_OUT + 0x40
-	movdqu %xmm5, XMM_OUT + 0x50
+report:
+	pushfq
+	popq REGS_OUT + 0x210
+	movq %rdx, REGS_OUT + 0x200
+	movq %r8, REGS_OUT + 0x208
+	fxsave REGS_OUT
 	ret
 
 .globl hcall_vmcall
 hcall_vmcall:
-	call load_xmm
+	fxrstor REGS_IN
 .globl hcall_vmcall_insn
 hcall_vmcall_insn:
 	vmcall
 .globl hcall_vmcall_after
 hcall_vmcall_after:
-	call store_xmm
+	call report
 	movq %rcx, UCALL_ARG2
 	GUEST_SYNC 1
 	GUEST_DONE
 
 .globl hcall_vmmcall
 hcall_vmmcall:
-	call load_xmm
+	fxrstor REGS_IN
 .globl hcall_vmmcall_insn
 hcall_vmmcall_insn:
 	vmmcall
 .globl hcall_vmmcall_after
 hcall_vmmcall_after:
-	call store_xmm
+	call report
 	movq %rcx, UCALL_ARG2
 	GUEST_SYNC 1
 	GUEST_DONE

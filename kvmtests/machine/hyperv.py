@@ -10,15 +10,29 @@ from kvmtests import hvtlfs, uapi
 from . import guest
 from .kvm import Kvm, Unavailable, Vm
 
-XMM_IN_GPA = guest.UCALL_GPA + 0x800
-XMM_OUT_GPA = guest.UCALL_GPA + 0x880
+REGS_IN_GPA = guest.UCALL_GPA + 0x800    # hcall.S: the FXSAVE image the guest restores before the call
+REGS_OUT_GPA = guest.UCALL_GPA + 0xA00   # hcall.S: its FXSAVE image after the call, then RDX, R8, RFLAGS
+FXSAVE_SIZE, FX_FCW, FX_MXCSR, FX_XMM = 512, 0, 24, 160   # SDM: FXSAVE image layout
+FCW_DEFAULT = 0x37F
+REPORT_SIZE = FXSAVE_SIZE + 24
 INPUT_GPA = guest.DATA_GPA          # slow hypercalls' input page
 RAX_SENTINEL = 0x5A5A5A5A5A5A5A5A
 RBX_SENTINEL = 0x3C3C3C3C3C3C3C3C   # non-zero, so that a VMMCALL tail (add %ebx,%ecx) would show in RCX
+RFLAGS_SEED = 0x8D7                 # CF PF AF ZF SF OF and the fixed bit 1; IF clear: no flag is the reset value
+MXCSR_SEED = 0x7F80                 # all exceptions masked, round toward zero: not the reset value 0x1F80
+EXIT_REASON_SENTINEL = 0xFFFFFFFF
+HYPERV_EXIT = (32, 136)             # kvm_run offset and size of struct kvm_hyperv_exit (P01 layout)
+SENTINEL = 0xA5                     # fills HYPERV_EXIT before every run
 LAPIC_SVR, LAPIC_SVR_ENABLE = 0xF0, 1 << 8
-LAPIC_IRR = 0x200
+LAPIC_ISR, LAPIC_IRR = 0x100, 0x200
+# KVM_GET_REGS fields: a hypercall's completion writes RAX and RIP (32-bit: EDX too) and leaves the rest alone
+REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+             "r15", "rip", "rflags")
 
 Xmm = tuple[int, int]  # (low 64 bits, high 64 bits)
+XMM_SENTINEL = (int.from_bytes(bytes([SENTINEL]) * 8, "little"),) * 2
+XMM_DEFAULT = [(0x4D4D4D4D00000000 | i, 0x3D3D3D3D00000000 | i) for i in range(6)]   # XMM0-5 unless a row says
+XMM_SEED = [(0x5E5E5E5E00000000 | i, 0x6E6E6E6E00000000 | i) for i in range(6, 16)]  # XMM6-15: no call touches them
 
 
 class KnownDeviation(AssertionError):
@@ -26,8 +40,10 @@ class KnownDeviation(AssertionError):
 
 
 def code_group(code: int) -> str:
-    """The feature group (features.GROUPS) whose patch makes `code` exit: P18's VSM codes or P06-P08's."""
-    return "vsm_hcalls" if code in hvtlfs.VSM_CODES else "hv_exits"
+    """The feature group (features.GROUPS) whose patch makes `code` exit: P18's VSM codes, P04's IPIs or P06-P08's."""
+    if code in hvtlfs.VSM_CODES:
+        return "vsm_hcalls"
+    return "vtl_ipi" if code in (hvtlfs.HVCALL_SEND_IPI, hvtlfs.HVCALL_SEND_IPI_EX) else "hv_exits"
 
 
 def require_hyperv(kvm: Kvm) -> None:
@@ -56,12 +72,34 @@ class CpuidBits:
 
 
 @dataclass
+class Call:
+    """One hypercall as the guest issued it: what its exit must carry and what its completion must leave alone."""
+
+    control: int
+    rdx: int = 0                   # input parameter (32-bit: EBX:ECX)
+    r8: int = 0                    # output parameter (32-bit: EDI:ESI)
+    xmm: list[Xmm] = field(default_factory=lambda: list(XMM_DEFAULT))   # XMM0-5 the guest loaded
+    insn: int = 0                  # guest address of the VMCALL/VMMCALL
+    regs: dict[str, int] = field(default_factory=dict)   # REG_NAMES as the host set them for the call
+    bits: int = 64
+
+    @property
+    def code(self) -> int:
+        return self.control & 0xFFFF
+
+    @property
+    def fast(self) -> bool:
+        return bool(self.control & hvtlfs.HV_HYPERCALL_FAST_BIT)
+
+
+@dataclass
 class HvMachine:
     """A Machine whose vCPU(s) carry Hyper-V CPUID, the guest OS ID and optionally ENFORCE_CPUID."""
 
     machine: guest.Machine
     vmmcall: bool
     cpuid: list[dict] = field(default_factory=list)
+    call: Call | None = None       # the last hypercall issued
 
     @property
     def vcpu(self) -> object:
@@ -138,19 +176,23 @@ def enable_lapic(vcpu: object) -> None:
 class Outcome:
     """What a hypercall did: exited to userspace, completed in the guest, or raised an exception."""
 
+    call: Call | None = None
     exited: bool = False
     input: int = 0
     result: int = 0
     params: tuple[int, int] = (0, 0)
-    xmm: list[Xmm] = field(default_factory=list)
+    xmm: list[Xmm] = field(default_factory=lambda: [XMM_SENTINEL] * 6)   # as pre-filled until KVM writes it
     completed: bool = False
-    rax: int = 0
-    edx: int = 0
+    rax: int = 0                   # what the guest reports after the call (32-bit: RAX and RDX only)
     rcx: int = 0
-    xmm_after: list[Xmm] = field(default_factory=list)
+    rdx: int = 0
+    r8: int = 0
+    rflags: int = 0
+    xmm_after: list[Xmm] = field(default_factory=list)   # XMM0-15
+    mxcsr: int = 0
     exception: int | None = None
     rip: int = 0
-    completion: tuple[int, int, int] | None = None  # (RIP, RAX, RDX) right after a userspace completion
+    completion: dict[str, int] | None = None   # REG_NAMES from KVM_GET_REGS right after a userspace completion
     detail: str = ""
 
     def __str__(self) -> str:
@@ -165,42 +207,58 @@ class Outcome:
         return self.detail
 
 
-def _xmm_bytes(values: list[Xmm]) -> bytes:
-    return b"".join(struct.pack("<QQ", lo, hi) for lo, hi in values)
+def _fxsave_image(xmm: list[Xmm]) -> bytes:
+    """What the guest's FXRSTOR loads: the x87 defaults, MXCSR_SEED and XMM0-15."""
+    image = bytearray(FXSAVE_SIZE)
+    struct.pack_into("<H", image, FX_FCW, FCW_DEFAULT)
+    struct.pack_into("<I", image, FX_MXCSR, MXCSR_SEED)
+    for i, (lo, hi) in enumerate(xmm):
+        struct.pack_into("<QQ", image, FX_XMM + 16 * i, lo, hi)
+    return bytes(image)
 
 
-def _read_xmm(mem: object, gpa: int) -> list[Xmm]:
-    raw = mem.read(gpa, 96)
-    return [struct.unpack_from("<QQ", raw, 16 * i) for i in range(6)]
+def _resumed(m: guest.Machine, call: Call, uc: guest.Ucall) -> Outcome:
+    """The registers the guest reported after the call (hcall.S: RAX, RCX in the ucall, the rest in REGS_OUT)."""
+    if m.bits == 32:
+        return Outcome(call, completed=True, rax=uc.args[1], rdx=m.run_until(guest.UCALL_SYNC).args[1])
+    raw = m.mem.read(REGS_OUT_GPA, REPORT_SIZE)
+    rdx, r8, rflags = struct.unpack_from("<QQQ", raw, FXSAVE_SIZE)
+    return Outcome(call, completed=True, rax=uc.args[1], rcx=uc.args[2], rdx=rdx, r8=r8, rflags=rflags,
+                   xmm_after=[struct.unpack_from("<QQ", raw, FX_XMM + 16 * i) for i in range(16)],
+                   mxcsr=struct.unpack_from("<I", raw, FX_MXCSR)[0])
 
 
 def _observe(hvm: HvMachine, timeout: float) -> Outcome:
-    m, vcpu = hvm.machine, hvm.machine.vcpu
+    """One KVM_RUN with sentinels in exit_reason and the whole hyperv exit, decoded."""
+    m, vcpu, call = hvm.machine, hvm.machine.vcpu, hvm.call
+    vcpu.run_struct.exit_reason = EXIT_REASON_SENTINEL
+    offset, size = HYPERV_EXIT
+    vcpu.set_run_bytes(offset, bytes([SENTINEL]) * size)
     ex = vcpu.run(timeout)
     if ex.ret == 0 and ex.reason == uapi.KVM_EXIT_HYPERV and vcpu.run_struct.x.hyperv.type == uapi.KVM_EXIT_HYPERV_HCALL:
         h = vcpu.run_struct.x.hyperv.u.hcall
-        return Outcome(exited=True, input=h.input, result=h.result, params=(h.params[0], h.params[1]),
+        return Outcome(call, exited=True, input=h.input, result=h.result, params=(h.params[0], h.params[1]),
                        xmm=[(h.xmm[i].low, h.xmm[i].high) for i in range(6)])
     uc = m.ucall()
     if uc and uc.cmd == guest.UCALL_SYNC and uc.args[0] == 1:
-        out = Outcome(completed=True, rax=uc.args[1], rcx=uc.args[2], xmm_after=_read_xmm(m.mem, XMM_OUT_GPA))
-        if m.bits == 32:
-            out.edx = m.run_until(guest.UCALL_SYNC).args[1]
-        return out
+        return _resumed(m, call, uc)
     if uc and uc.cmd == guest.UCALL_EXCEPTION:
-        return Outcome(exception=uc.args[0], rip=uc.args[2])
-    return Outcome(detail=m.describe())
+        return Outcome(call, exception=uc.args[0], rip=uc.args[2])
+    return Outcome(call, detail=m.describe())
 
 
 def hypercall(hvm: HvMachine, control: int, rdx: int = 0, r8: int = 0, *, xmm: list[Xmm] | None = None,
               rax: int = RAX_SENTINEL, entry: str = "hcall", timeout: float = 5.0) -> Outcome:
-    """Issue one hypercall from the guest (64-bit: RCX/RDX/R8; 32-bit: EDX:EAX, EBX:ECX, EDI:ESI)."""
+    """Issue one hypercall from the guest (64-bit: RCX/RDX/R8 and XMM0-5, with XMM6-15, MXCSR and RFLAGS seeded so
+    that a completion touching them shows; 32-bit: EDX:EAX, EBX:ECX, EDI:ESI, no XMM)."""
     m = hvm.machine
-    m.mem.write(XMM_IN_GPA, _xmm_bytes(xmm or [(0, 0)] * 6))
-    m.mem.write(XMM_OUT_GPA, bytes(96))
+    xmm = list(xmm or XMM_DEFAULT)
+    m.mem.write(REGS_IN_GPA, _fxsave_image(xmm + XMM_SEED))
+    m.mem.write(REGS_OUT_GPA, bytes(REPORT_SIZE))
     regs = m.vcpu.get_regs()
     regs.rip = m.sym(hvm.entry(entry))
     regs.rsp = guest.STACK_TOP
+    regs.rflags = RFLAGS_SEED
     if m.bits == 64:
         regs.rcx, regs.rdx, regs.r8, regs.rax, regs.rbx = control, rdx, r8, rax, RBX_SENTINEL
     else:
@@ -208,7 +266,12 @@ def hypercall(hvm: HvMachine, control: int, rdx: int = 0, r8: int = 0, *, xmm: l
         regs.rbx, regs.rcx = rdx >> 32, rdx & 0xFFFFFFFF
         regs.rdi, regs.rsi = r8 >> 32, r8 & 0xFFFFFFFF
     m.vcpu.set_regs(regs)
+    hvm.call = Call(control, rdx, r8, xmm, hvm.insn, _snapshot(regs), m.bits)
     return _observe(hvm, timeout)
+
+
+def _snapshot(regs: object) -> dict[str, int]:
+    return {name: getattr(regs, name) for name in REG_NAMES}
 
 
 def complete(hvm: HvMachine, result: int, *, xmm: list[Xmm] | None = None, input: int | None = None,
@@ -224,10 +287,11 @@ def complete(hvm: HvMachine, result: int, *, xmm: list[Xmm] | None = None, input
         h.xmm[i].low, h.xmm[i].high = lo, hi
     ex = vcpu.complete_exit(timeout)
     if not (ex.ret < 0 and ex.errno == errno.EINTR):
-        return Outcome(detail=f"KVM_RUN with immediate_exit to complete the hypercall: {hvm.machine.describe()}")
-    regs = vcpu.get_regs()
+        return Outcome(hvm.call,
+                       detail=f"KVM_RUN with immediate_exit to complete the hypercall: {hvm.machine.describe()}")
+    regs = _snapshot(vcpu.get_regs())
     out = _observe(hvm, timeout)
-    out.completion = (regs.rip, regs.rax, regs.rdx)
+    out.completion = regs
     return out
 
 
@@ -238,8 +302,12 @@ def resume_after_exception(hvm: HvMachine, timeout: float = 5.0) -> Outcome:
     return _observe(hvm, timeout)
 
 
+def lapic_vectors(regs: bytes, base: int) -> frozenset[int]:
+    """The vectors set in a 256-bit LAPIC register (ISR 0x100, IRR 0x200) of a KVM_GET_LAPIC image."""
+    words = [struct.unpack_from("<I", regs, base + 0x10 * i)[0] for i in range(8)]
+    return frozenset(32 * i + bit for i, word in enumerate(words) for bit in range(32) if word >> bit & 1)
+
+
 def irr_pending(vcpu: object, vector: int) -> bool:
     """Is `vector` pending in the in-kernel LAPIC's IRR (KVM_GET_LAPIC)?"""
-    regs = vcpu.get_lapic()
-    word = struct.unpack_from("<I", regs, LAPIC_IRR + 0x10 * (vector // 32))[0]
-    return bool(word >> (vector % 32) & 1)
+    return vector in lapic_vectors(vcpu.get_lapic(), LAPIC_IRR)

@@ -22,8 +22,10 @@ ENTRY = {READ: "mem_read", WRITE: "mem_write", EXEC: "mem_exec", RMW: "mem_rmw"}
 SYNC_STAGE = {READ: 1, WRITE: 2, EXEC: 3, RMW: 4}
 EXEC_OFFSET = 0x800          # where the host puts the `ret` that an execute probe calls
 RET = b"\xc3"
-MEMORY_FAULT_BYTES = (32, 26)  # kvm_run offset and length of flags, gpa, size, insn_len
 SENTINEL = 0xA5
+SENTINEL64 = int.from_bytes(bytes([SENTINEL]) * 8, "little")
+ACCESS_BYTES = 8             # the widest access of mem.S and insn_len.S, all at the address they are given
+CORE = "core"                # the verdict's name for upstream behaviour (a group of no patch)
 
 VALID_PATCHED = frozenset({0x0, 0x2, 0x4, 0x6, 0x7})   # spec P15 table, default VM
 VALID_PATCHED_PRIVATE = VALID_PATCHED | {0x8}            # ... VM with private memory
@@ -119,14 +121,20 @@ class Fault:
     size: int
     insn_len: int
 
+    @classmethod
+    def of(cls, run: object) -> "Fault":
+        """The fields as KVM left them, read through uapi's struct (insn_len is kvm_run byte 56, catalog 1)."""
+        mf = run.x.memory_fault
+        return cls(mf.flags, mf.gpa, mf.size, mf.insn_len)
+
     def __str__(self) -> str:
         return (f"memory fault flags {uapi.memory_fault_flag_names(self.flags)} gpa {self.gpa:#x} "
                 f"size {self.size:#x} insn_len {self.insn_len}")
 
 
 class FieldMismatch(AssertionError):
-    """A memory-fault exit field that another patch provides is wrong (P09 flags, P11 insn_len): the verdict
-    counts it under that feature group, not under the row that happened to provoke the exit."""
+    """A part of an exit that a group provides is wrong (P09 flags, P11 insn_len, what a denial or a permitted access
+    did): the verdict counts it under that feature group, not under the row that happened to provoke the exit."""
 
     def __init__(self, group: str, message: str):
         super().__init__(message)
@@ -164,7 +172,8 @@ class FaultRule:
 
 @dataclass
 class Outcome:
-    """What one guest access did: completed (with the value read), a memory-fault exit, or else."""
+    """What one guest access did: completed (with the value read), a memory-fault exit, or else; where RIP stopped
+    and what the accessed bytes held before and after the run."""
 
     kind: str
     gpa: int
@@ -173,6 +182,9 @@ class Outcome:
     fault: Fault | None
     rip: int
     described: str
+    insn_rip: int                           # the accessing instruction; an execute's is gpa itself
+    memory: tuple[bytes, bytes]             # ACCESS_BYTES at gpa before and after the run
+    written: int | None = None              # what a completed write leaves there (None: a read, an execute, unstated)
     insn_length: int | None = None          # length of a data-access instruction (None for an execute)
     rule: FaultRule = FaultRule()
     vm: Vm | None = field(default=None, repr=False)   # to say how the page is backed, in messages only
@@ -183,17 +195,40 @@ class Outcome:
         return f"guest {self.kind} of {self.gpa:#x}: {what} (RIP {self.rip:#x}{memory})"
 
 
-def run_for_fault(m: guest.Machine, vcpu: Vcpu | None = None, timeout: float = 5.0) -> tuple[bool, Fault | None]:
-    """One KVM_RUN with sentinels in exit_reason and memory_fault: (ucall seen, fault or None)."""
+def arm(vcpu: Vcpu) -> None:
+    """Sentinels in exit_reason and every memory_fault field, so a field KVM did not write cannot pass as stale data."""
+    # Only before a run that completes no earlier exit through these bytes (an MMIO read's data and a hypercall's
+    # result share them). Bytes 57-63, the padding after insn_len, are no field: the spec (P11 table) fixes nothing
+    # there, so they are neither filled nor read.
+    run = vcpu.run_struct
+    run.exit_reason = 0xFFFFFFFF
+    mf = run.x.memory_fault
+    mf.flags = mf.gpa = mf.size = SENTINEL64
+    mf.insn_len = SENTINEL
+
+
+def run_for_fault(m: guest.Machine, vcpu: Vcpu | None = None, timeout: float = 5.0) -> Fault | None:
+    """One armed KVM_RUN: the fields of a memory-fault exit (-1, EFAULT and exit 39 together, catalog 35), else None."""
     vcpu = vcpu or m.vcpu
-    vcpu.run_struct.exit_reason = 0xFFFFFFFF
-    off, length = MEMORY_FAULT_BYTES
-    vcpu.set_run_bytes(off, bytes([SENTINEL]) * length)
+    arm(vcpu)
     ex = vcpu.run(timeout)
     if ex.ret == -1 and ex.errno == errno.EFAULT and ex.reason == uapi.KVM_EXIT_MEMORY_FAULT:
-        mf = vcpu.run_struct.x.memory_fault
-        return False, Fault(mf.flags, mf.gpa, mf.size, vcpu.run_bytes(56, 1)[0])
-    return m.ucall(vcpu) is not None, None
+        return Fault.of(vcpu.run_struct)
+    return None
+
+
+def run_access(m: guest.Machine, kind: str, gpa: int, insn: str, end: str, stage: int, rule: FaultRule,
+               vcpu: Vcpu | None = None, written: int | None = None) -> Outcome:
+    """One armed KVM_RUN through the access to `gpa` at label `insn` (to `end`), which reports SYNC(stage) once done:
+    everything the shared checks compare."""
+    vcpu = vcpu or m.vcpu
+    before = m.vm.read(gpa, ACCESS_BYTES)
+    fault = run_for_fault(m, vcpu)
+    uc = m.ucall(vcpu)
+    done = uc is not None and uc.cmd == guest.UCALL_SYNC and uc.args[0] == stage
+    at, length = (gpa, None) if kind == EXEC else (m.sym(insn), m.payload.length(insn, end))
+    return Outcome(kind, gpa, done, uc.args[1] if done else None, fault, vcpu.get_regs().rip, m.describe(vcpu), at,
+                   (before, m.vm.read(gpa, ACCESS_BYTES)), written, length, rule, m.vm)
 
 
 class Prober:
@@ -212,14 +247,11 @@ class Prober:
         return self.resume(kind, gpa, vcpu)
 
     def resume(self, kind: str, gpa: int, vcpu: Vcpu | None = None) -> Outcome:
-        """Re-enter the vCPU where it stopped (e.g. after a fault) and decode what happened."""
+        """Re-enter the vCPU where it stopped (e.g. after a fault) and decode what happened; a write stores RAX."""
         vcpu = vcpu or self.m.vcpu
-        _, fault = run_for_fault(self.m, vcpu)
-        uc = self.m.ucall(vcpu)
-        done = uc is not None and uc.cmd == guest.UCALL_SYNC and uc.args[0] == SYNC_STAGE[kind]
-        length = None if kind == EXEC else self.m.payload.length(ENTRY[kind], f"{ENTRY[kind]}_end")
-        return Outcome(kind, gpa, done, uc.args[1] if done else None, fault, vcpu.get_regs().rip,
-                       self.m.describe(vcpu), length, self.rule, self.m.vm)
+        written = vcpu.get_regs().rax if kind in (WRITE, RMW) else None
+        return run_access(self.m, kind, gpa, ENTRY[kind], f"{ENTRY[kind]}_end", SYNC_STAGE[kind], self.rule, vcpu,
+                          written)
 
     def place_ret(self, page: int) -> int:
         """Put a `ret` in the page from the host; the execute target."""
@@ -230,6 +262,19 @@ class Prober:
 def build_prober(vm: Vm, vcpus: int = 1, rule: FaultRule = FaultRule()) -> Prober:
     """A machine running the mem.S payload with the standard layout."""
     return Prober(guest.build(vm, guest.load_payload("mem"), vcpus=vcpus), rule)
+
+
+# Which group a wrong part of an exit is counted under (the plugin makes it an error of that group when the row
+# belongs to another): flags, P09's fault_rwx_flags; insn_len, P11's fault_insn_len; gpa and size, the row's own
+# assertion; RIP on the faulting instruction and memory untouched after a denial, the group that denied the access
+# (denial_group); what a permitted access reads or leaves, P16's "allowed -> continues" (catalog 39, 42, 46, 53),
+# rwx_attributes.
+
+def denial_group(flags: int) -> str:
+    """The group whose denial an exit with these flags reports: it provides the RIP and the untouched memory."""
+    # Spec P16: a denial "produces the standard memory-fault exit ... The instruction is not retired" (catalog 45,
+    # [P16]): rwx_attributes. A private/shared mismatch exit is upstream's own, on which the spec says no more: core.
+    return CORE if flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else "rwx_attributes"
 
 
 def check_fault(fault: Fault | None, row: int | str, what: str, flags: int, page: int,
@@ -254,15 +299,42 @@ def _values(values: frozenset[int]) -> str:
         " or ".join(f"{v:#x}" for v in low)
 
 
+def _u64(data: bytes) -> int:
+    return int.from_bytes(data, "little")
+
+
 def expect_fault(out: Outcome, kind: str, page: int, row: int | str, flags: int | None = None) -> Fault:
-    """The access must have ended in a memory-fault exit on `page` with the flag of its kind and every field right."""
+    """The access must have ended in a memory-fault exit on `page` with the flag of its kind and every field right,
+    RIP still on the instruction and memory as it was."""
+    flags = FLAG_OF[kind] if flags is None else flags
     own = page == out.gpa - out.gpa % PAGE          # the instruction's own data page, not a page-table page (54/55)
-    return check_fault(out.fault, row, str(out), FLAG_OF[kind] if flags is None else flags, page,
-                       out.rule.insn_lens(out.insn_length if own else None), out.rule)
+    fault = check_fault(out.fault, row, str(out), flags, page, out.rule.insn_lens(out.insn_length if own else None),
+                        out.rule)
+    # Unchecked on purpose, as the spec fixes no value: insn_len within 0-15 (67) where the CPU does not report the
+    # length (68, 69) or the exit names a page-table page (54, 55); the entry such a walk would have updated (54 and
+    # 55 fix gpa and flags only); registers other than RIP; kvm_run bytes 57-63 (see arm).
+    if out.rip != out.insn_rip:
+        raise FieldMismatch(denial_group(flags), f"catalog {row}: {out}: RIP {out.rip:#x}, expected {out.insn_rip:#x}, "
+                                                 f"the faulting instruction (a denied access is not retired)")
+    before, after = out.memory
+    if after != before:
+        raise FieldMismatch(denial_group(flags), f"catalog {row}: {out}: memory at {out.gpa:#x} {_u64(after):#x}, "
+                                                 f"expected {_u64(before):#x}, untouched by the denied {kind}")
+    return fault
 
 
 def expect_done(out: Outcome, row: int | str) -> None:
+    """The access must have completed with its effect: a read returns what memory holds, a write leaves its value."""
     assert out.completed, f"catalog {row}: expected the {out.kind} to complete; {out}"
+    after = _u64(out.memory[1])
+    # Unchecked on purpose: what an execute leaves (it stores nothing, and its `ret` returns no value the spec names),
+    # and a store whose value the row does not state (`written` None: insn_len.S's, of varying width, expect a fault).
+    if out.kind == READ and out.value != after:
+        raise FieldMismatch("rwx_attributes", f"catalog {row}: {out}: value read {out.value:#x}, expected {after:#x}, "
+                                              f"what memory at {out.gpa:#x} holds")
+    if out.written is not None and after != out.written:
+        raise FieldMismatch("rwx_attributes", f"catalog {row}: {out}: memory at {out.gpa:#x} {after:#x}, expected "
+                                              f"{out.written:#x}, the value the {out.kind} stored")
 
 
 def backing(vm: Vm, gpa: int) -> str:

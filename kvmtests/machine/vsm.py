@@ -396,8 +396,7 @@ class Vsm:
 
     def intercept(self, vcpu: Vcpu) -> None:
         """A VTL0 access denied by VTL1's protection: post a GPA intercept message and enter VTL1 for it."""
-        mf = vcpu.run_struct.x.memory_fault
-        fault = Fault(mf.flags, mf.gpa, mf.size, vcpu.run_bytes(56, 1)[0])
+        fault = Fault.of(vcpu.run_struct)
         self.log.faults.append((fault, vcpu.get_regs().rip))
         access = (ACCESS_WRITE if fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_WRITE else
                   ACCESS_EXECUTE if fault.flags & uapi.KVM_MEMORY_EXIT_FLAG_EXEC else ACCESS_READ)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kvmtests import hvtlfs, uapi
-from kvmtests.machine import guest, hyperv, memfault, tracefs
+from kvmtests.machine import guest, hvexits, hyperv, memfault, tracefs
 from kvmtests.machine.kvm import Kvm, Unavailable
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
@@ -159,10 +159,10 @@ def fault_deviations(way: FaultWay, flags: int, gpa: int, size: int, byte56: int
     if size != 0x1000:
         out.append(deviation("rwx_attributes" if way is NW_WRITE else "fault_rwx_flags", "38",
                              f"{way.what}: size {size:#x}", "0x1000"))
-    if byte56 > 15 and byte56 != 0xA5:
+    if byte56 > 15 and byte56 != memfault.SENTINEL:
         out.append(deviation("fault_insn_len", "67", f"{way.what}: insn_len {byte56}",
                              "at most 15 (P11), or the sentinel 0xa5 kept (upstream)"))
-    elif exact is not None and byte56 not in (exact, 0xA5):
+    elif exact is not None and byte56 not in (exact, memfault.SENTINEL):
         out.append(deviation("fault_insn_len", "63" if way is NW_WRITE else "65", f"{way.what}: insn_len {byte56}",
                              f"{exact}, the instruction's length on Intel EPT (P10/P11), or the sentinel 0xa5 kept "
                              "(upstream)"))
@@ -197,15 +197,13 @@ def _fault_probe() -> FaultSeen | str:
 
 
 def _fault_exit(m: guest.Machine, way: FaultWay) -> FaultSeen | str:
-    m.vcpu.set_run_bytes(56, b"\xa5")
-    ex = m.vcpu.run(5.0)
-    if ex.reason != uapi.KVM_EXIT_MEMORY_FAULT:
-        return f"{way.what} gave {m.describe()}, not a memory-fault exit"
-    mf = m.vcpu.run_struct.x.memory_fault
-    byte56 = m.vcpu.run_bytes(56, 1)[0]
+    """The way's exit with sentinels in its fields, if KVM_RUN gave -1, EFAULT and exit 39 together (catalog 35)."""
+    fault = memfault.run_for_fault(m)
+    if fault is None:
+        return f"{way.what} gave {m.describe()}, not a memory-fault exit (KVM_RUN -1/EFAULT, exit 39)"
     exact = m.payload.length(f"{way.entry}_insn", f"{way.entry}_end") if memfault.intel_ept() else None
-    return FaultSeen(mf.flags, byte56, way.what,
-                     deviations=fault_deviations(way, mf.flags, mf.gpa, mf.size, byte56, exact))
+    return FaultSeen(fault.flags, fault.insn_len, way.what,
+                     deviations=fault_deviations(way, fault.flags, fault.gpa, fault.size, fault.insn_len, exact))
 
 
 def _fault_flags(kvm: Kvm) -> Detection:
@@ -221,7 +219,7 @@ def _fault_insn_len(kvm: Kvm) -> Detection:
     probe = _fault_probe()
     if isinstance(probe, str):
         return Detection("fault_insn_len", UNKNOWN, probe)
-    kept = probe.byte56 == 0xA5
+    kept = probe.byte56 == memfault.SENTINEL
     return Detection("fault_insn_len", ABSENT if kept else PRESENT,
                      probe.how(f"kvm_run byte 56 sentinel 0xa5 {'kept' if kept else f'now {probe.byte56}'}"),
                      deviations=probe.deviations)
@@ -229,11 +227,11 @@ def _fault_insn_len(kvm: Kvm) -> Detection:
 
 def hcall_deviations(group: str, rows: str, what: str, out: hyperv.Outcome, control: int, params: tuple[int, int],
                      upstream_status: int) -> tuple[str, ...]:
-    """An exit must carry the guest's control word and parameters (81, 82, 111); a call kept in the kernel must
+    """An exit must pass the rows' whole-exit check (hvexits: 81, 82, 100, 111); a call kept in the kernel must
     answer as upstream does (80: status 2, 111: status 3)."""
-    if out.exited and (out.input, out.params) != (control, params):
-        return (deviation(group, rows, f"{what}: {out}",
-                          f"input {control:#x} params {params[0]:#x} {params[1]:#x} (the guest's RCX, RDX, R8)"),)
+    if out.exited:
+        return tuple(deviation(w.group, rows if w.group == group else str(w.entry), f"{what}: {w.field} {w.observed}",
+                               w.expected) for w in hvexits.exit_fields(out, hyperv.Call(control, *params), None))
     if out.completed and out.rax != upstream_status:
         return (deviation(group, rows, f"{what}: {out}",
                           f"an exit (series) or RAX {hvtlfs.status_name(upstream_status)} (upstream)"),)
