@@ -26,6 +26,14 @@ BLOCKED = stream.BLOCKED
 XPASS_STRICT = "[XPASS(strict)]"   # how pytest words a strict expected failure that passed
 
 
+class BlockedByCrash(pytest.skip.Exception):
+    """A row not run because its path crashed the kernel earlier in the run: the outcome blocked, in that group."""
+
+    def __init__(self, group: str, message: str):
+        super().__init__(message, _use_item_location=True)
+        self.group = group
+
+
 class PreconditionFailed(Exception):
     """A set-up step relied on another feature group's behaviour and did not get it."""
 
@@ -123,10 +131,10 @@ def _resume_items(config: pytest.Config, items: list) -> None:
         config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
         items[:] = [item for item in items if item.nodeid not in done]
     crashed = resume.get("crashed_groups", {})
-    for item in items:
+    for item in filter(_needs_kvm, items):
         hit = [g for g in dict(item.user_properties)["groups"] if g in crashed]
         if hit:
-            item.user_properties.append(("blocked", f"{BLOCKED}{crashed[hit[0]]}"))
+            item.user_properties.append(("blocked", (hit[0], f"{BLOCKED}{crashed[hit[0]]}")))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -189,7 +197,7 @@ _watch = pytest.StashKey[tuple[health.Watch, set[str]]]()
 def pytest_runtest_setup(item: pytest.Item) -> object:
     blocked = dict(item.user_properties).get("blocked")
     if blocked:
-        raise pytest.skip.Exception(blocked, _use_item_location=True)
+        raise BlockedByCrash(*blocked)
     if _needs_kvm(item):
         item.stash[_watch] = (health.Watch(), _kvm_fds())
         reason = item.config.stash.get(_device_skip, None)
@@ -238,6 +246,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
     if reason and rep.skipped and isinstance(rep.longrepr, tuple) and rep.longrepr[2] == f"Skipped: {reason}":
         rep.longrepr = (dev_kvm_path(), 0, rep.longrepr[2])  # one line for the whole run, not one per test
     failed = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(failed, BlockedByCrash):     # counted under the crashed group alone, not each group of its rows
+        rep.user_properties = [p for p in rep.user_properties if p[0] != "groups"] + [("groups", [failed.group])]
+        if isinstance(rep.longrepr, tuple):    # worded as a skip's, not as the exception class's
+            rep.longrepr = (*rep.longrepr[:2], f"Skipped: {failed.msg}")
     if isinstance(failed, memfault.FieldMismatch) and failed.group not in dict(rep.user_properties).get("groups", []):
         failed = PreconditionFailed(failed.group, "memory-fault exit field", str(failed))
     if isinstance(failed, (PreconditionFailed, memfault.FieldMismatch)):
@@ -274,6 +286,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         new = "error"
     elif report.skipped and _message(report).startswith(BLOCKED):
         new = "blocked"
+        entry["groups"] = props["groups"]       # the crashed group's alone (BlockedByCrash)
     elif report.failed and str(report.longrepr).startswith(XPASS_STRICT):
         new = "unexpected-pass"
     else:
@@ -359,7 +372,7 @@ class Series:
         always runs its patched expectation: the gate is one line per absent group in the summary."""
         det = features.detect(group)
         if det.state == features.CRASHED:
-            raise pytest.skip.Exception(f"{BLOCKED}{det.how}", _use_item_location=True)
+            raise BlockedByCrash(group, f"{BLOCKED}{det.how}")
         if det.state == features.PRESENT or group in self.required:
             return True
         if det.state == features.UNKNOWN:
