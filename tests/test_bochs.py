@@ -1,5 +1,6 @@
 """The Bochs side of the qualification runner without Bochs: its configuration, the self-contained guest's
-files and /init, the results sent back over the console, and the command line's error paths."""
+files and /init, the results sent back over the console, the command line's error paths, and what its debugger
+says when interrupted, with the RIP named from a System.map or a module's symbols."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import base64
 import hashlib
 import io
 import json
+import lzma
 import shutil
+import struct
 import sys
 import tarfile
 from pathlib import Path
@@ -15,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from kvmtests.machine import host
-from kvmtests.runner import bochs, console, initramfs, qualify, rootfs
+from kvmtests.runner import bochs, console, initramfs, qualify, rootfs, symbols
 from kvmtests.runner.console import RunnerError
 from kvmtests.runner.monitor import Monitor
-from kvmtests.verdict import report
+from kvmtests.verdict import report, stream
 
-from test_qualify import elf, make_image, make_modules, one_error_line, read_cpio, run_cli
+from test_qualify import RELEASE, elf, make_image, make_modules, one_error_line, read_cpio, run_cli
 
 pytestmark = pytest.mark.selftest
 
@@ -41,7 +44,9 @@ def test_bochsrc_is_headless_with_the_console_on_stdout(tmp_path: Path) -> None:
     assert any(line.startswith("sound:") and "waveoutdrv=dummy" in line for line in rc)
     assert f"romimage: file={tmp_path / 'bios'}" in rc
     assert bochs.bochs_command(Path("/t/rc"), Path("/t/dbg"), "b") == ["b", "-q", "-f", "/t/rc", "-rc", "/t/dbg"]
-    assert bochs.DEBUGGER_SCRIPT.startswith("continue\n")
+    script = bochs.debugger_script(2).splitlines()
+    assert script[0] == "continue" and script[-1] == "quit", "run, and end Bochs after a stop"
+    assert 'show "cpu1.VMX.in_vmx_guest"' in script and "r" in script and "print-stack 24" in script
 
 
 def test_kernel_params_match_the_emulated_clock() -> None:
@@ -210,12 +215,12 @@ def test_report_names_the_emulator(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_run_console_stops_at_the_panic_line(tmp_path: Path) -> None:
     """Bochs reboots a panicked kernel rather than exit: the monitor ends the run at the panic's last line."""
-    script = "import time\nprint('Kernel panic - not syncing: x', flush=True)\n" \
-             "print('---[ end Kernel panic - not syncing: x ]---', flush=True)\ntime.sleep(60)"
+    script = "import time\nprint('[   66.123456] Kernel panic - not syncing: x', flush=True)\n" \
+             "print('[   66.234567] ---[ end Kernel panic - not syncing: x ]---', flush=True)\ntime.sleep(60)"
     monitor = Monitor(1, 0, 0, can_nmi=False)
     run = console.run_console([sys.executable, "-c", script], tmp_path / "log", 60, 60, monitor=monitor)
     assert run.timed_out is None and run.elapsed < 20
-    assert run.tail[-1].startswith("---[ end Kernel panic")
+    assert "---[ end Kernel panic" in run.tail[-1]
     assert [(c.report.kind, c.report.title, c.during) for c in monitor.crashes] == [
         ("panic", "kernel panic: x", "boot")]
 
@@ -255,3 +260,170 @@ sys.exit(1)
     assert (results / "rc").read_text() == "0\n" and (results / "junit.xml").read_text() == "<testsuites/>"
     assert report.load(results / "results.json")["boots"] == 1
     assert "results-begin" in (results / "console.log").read_text()
+
+
+# --- naming where the guest was --------------------------------------------------------------------
+
+def module_object(name: str, depends: str, sections: dict[str, list[tuple[str, int, int]]]) -> bytes:
+    """A kernel module as kbuild leaves it, cut down: .modinfo, code sections, and a symbol table naming functions
+    (name, offset in their section, size; size 0: an assembler label) beside a section and a file symbol."""
+    names = list(sections)
+    strtab = b"\0"
+    symtab = [bytes(24), struct.pack("<IBBHQQ", 0, 3, 0, 1, 0, 0)]   # the null symbol, a section symbol
+    strtab += f"{name}.c\0".encode()
+    symtab.append(struct.pack("<IBBHQQ", 1, 4, 0, 0xFFF1, 0, 0))    # STT_FILE, SHN_ABS
+    for index, section in enumerate(names, 1):
+        for symbol, offset, size in sections[section]:
+            symtab.append(struct.pack("<IBBHQQ", len(strtab), 0x12 if size else 0x10, 0, index, offset, size))
+            strtab += symbol.encode() + b"\0"
+    code = {s: bytes(max([o + z for _, o, z in sections[s]] + [16])) for s in names}
+    content = [*code.values(), f"license=GPL\0depends={depends}\0name={name}\0".encode(), b"".join(symtab), strtab]
+    # (name, type, link, info, entsize) per section after the null one; .shstrtab last
+    headers = [(s, 1, 0, 0, 0) for s in names] + [(".modinfo", 1, 0, 0, 0), (".symtab", 2, len(names) + 3, 3, 24),
+                                                 (".strtab", 3, 0, 0, 0), (".shstrtab", 3, 0, 0, 0)]
+    shstrtab = b"\0" + b"".join(h[0].encode() + b"\0" for h in headers)
+    content.append(shstrtab)
+    out = bytearray(64)
+    offsets = []
+    for blob in content:
+        out += bytes(-len(out) % 8)
+        offsets.append(len(out))
+        out += blob
+    out += bytes(-len(out) % 8)
+    shoff = len(out)
+    out += bytes(64)
+    name_at = 1
+    for (section, kind, link, info, entsize), offset, blob in zip(headers, offsets, content):
+        out += struct.pack("<IIQQQQIIQQ", name_at, kind, 0, 0, offset, len(blob), link, info, 8, entsize)
+        name_at += len(section) + 1
+    out[:64] = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(headers) + 1, len(headers))
+    return bytes(out)
+
+
+KVM_INTEL = {".init.text": [("vmx_init", 0x0, 0x100)],
+             ".text": [("__pfx_vmx_vcpu_run", 0x0, 0x10), ("vmx_vcpu_run", 0x10, 0x40),
+                       ("handle_ept_violation.cold", 0x50, 0x20)],
+             ".noinstr.text": [("__vmx_vcpu_run", 0x0, 0x80), ("vmx_vmexit", 0x60, 0)]}
+SYSTEM_MAP = """\
+0000000000000000 A fixed_percpu_data
+ffffffff81000000 T _stext
+ffffffff81000000 T _text
+ffffffff81000000 T startup_64
+ffffffff81001000 t native_safe_halt
+ffffffff81001040 T default_idle
+ffffffff81002000 T _etext
+ffffffff82000000 D linux_banner
+"""
+TEXT, KVM_TEXT, KVM_NOINSTR = 0xFFFFFFFF9A000000, 0xFFFFFFFFC0A00000, 0xFFFFFFFFC0B00000
+# kvm_intel's .text where kvm's freed .init.text was (as on a real boot): that section names nothing
+BASES = {"_text": TEXT, "kvm_intel:.init.text": KVM_TEXT, "kvm_intel:.text": KVM_TEXT,
+         "kvm_intel:.noinstr.text": KVM_NOINSTR}
+
+
+def test_module_symbols_by_section() -> None:
+    tables = symbols.module_symbols(module_object("kvm_intel", "kvm", KVM_INTEL))
+    assert set(tables) == {".init.text", ".text", ".noinstr.text"}, "no section, file or data symbols"
+    assert tables[".text"].find(0x10) == ("vmx_vcpu_run", 0, 0x40)
+    assert tables[".text"].find(0x4F) == ("vmx_vcpu_run", 0x3F, 0x40)
+    assert tables[".text"].find(0x70) is None, "past the last function's end"
+    assert tables[".noinstr.text"].find(0x62) == ("vmx_vmexit", 2, 0x20), "a label runs until the function's end"
+    with pytest.raises(ValueError):
+        symbols.module_symbols(b"not an elf")
+
+
+def test_symbolizer_names_kernel_and_module_addresses_where_this_boot_put_them(tmp_path: Path) -> None:
+    (tmp_path / "System.map").write_text(SYSTEM_MAP)
+    ko = tmp_path / "kvm-intel.ko.xz"
+    ko.write_bytes(lzma.compress(module_object("kvm_intel", "kvm", KVM_INTEL)))
+    names = symbols.Symbolizer(tmp_path / "System.map", {"kvm_intel": ko})
+    assert names.name(TEXT + 0x1003, BASES) == ("native_safe_halt", "native_safe_halt+0x3/0x40")
+    assert names.name(TEXT + 0x1041, BASES) == ("default_idle", "default_idle+0x1/0xfc0")
+    assert names.name(KVM_TEXT + 0x12, BASES) == ("vmx_vcpu_run", "vmx_vcpu_run+0x2/0x40 [kvm_intel]")
+    assert names.name(KVM_TEXT + 0x51, BASES) == ("handle_ept_violation",
+                                                  "handle_ept_violation.cold+0x1/0x20 [kvm_intel]")
+    assert names.name(KVM_NOINSTR + 0x8, BASES) == ("__vmx_vcpu_run", "__vmx_vcpu_run+0x8/0x80 [kvm_intel]")
+    assert names.name(TEXT + 0x2000, BASES) is None, "past _etext"
+    assert names.name(TEXT - 1, BASES) is None and names.name(0x1000, BASES) is None
+    assert names.name(TEXT + 0x1003, {}) is None, "no bases: KASLR put the kernel anywhere"
+
+
+def test_debians_placeholder_system_map_names_nothing(tmp_path: Path) -> None:
+    placeholder = tmp_path / "System.map-6.12.95+deb12-amd64"
+    placeholder.write_text("ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n")
+    assert symbols.system_map(placeholder) is None
+    assert symbols.Symbolizer(placeholder, {}).name(TEXT + 0x1003, BASES) is None
+    assert symbols.Symbolizer(None, {"kvm": tmp_path / "missing.ko"}).name(KVM_TEXT, BASES) is None
+
+
+def test_find_system_map(tmp_path: Path) -> None:
+    image = make_image(tmp_path)
+    assert symbols.find_system_map(image, RELEASE) is None
+    (tmp_path / "boot" / f"System.map-{RELEASE}").write_text(SYSTEM_MAP)
+    assert symbols.find_system_map(image, RELEASE) == tmp_path / "boot" / f"System.map-{RELEASE}"
+    tree = tmp_path / "linux"
+    (tree / "arch" / "x86" / "boot").mkdir(parents=True)
+    (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(b"")
+    (tree / "System.map").write_text(SYSTEM_MAP)
+    assert symbols.find_system_map(tree / "arch" / "x86" / "boot" / "bzImage", RELEASE) == tree / "System.map"
+
+
+def test_text_bases_from_inits_mark() -> None:
+    word = "_text=ffffffff9a000000,kvm:.text=0xffffffffc0a00000,kvm:.init.text=0x0000000000000000,junk,x=zz"
+    assert stream.text_bases(word) == {"_text": TEXT, "kvm:.text": KVM_TEXT}
+    assert stream.text_bases("_text=") == {}
+
+
+def debugger_stop(cpus: list[tuple[int, int, str, bool]], stack: list[int]) -> str:
+    """What Bochs's debugger prints when a SIGINT stops it and its script (bochs.debugger_script) runs on to quit,
+    in the format of a real run's: each CPU's next instruction (cs, rip, instruction, in a nested guest), CPU 0's
+    registers, each CPU's in_vmx_guest, CPU 0's stack words, and each CPU's next instruction again at quit."""
+    at = [f"[0x00000e301348] {cs:04x}:{rip:016x} (unk. ctxt): {insn:<25} ; ebfe" for cs, rip, insn, _ in cpus]
+    rip = cpus[0][1]
+    regs = "".join(f"{r}: 00000000_00000000\n" for r in ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "rsi", "rdi",
+                                                        "r8 ", "r9 ", "r10", "r11", "r12", "r13", "r14", "r15"))
+    shows = "".join(f"show param name: <cpu{n}.VMX.in_vmx_guest>\nin_vmx_guest = {str(cpu[3]).lower()}\n"
+                    for n, cpu in enumerate(cpus))
+    words = "".join(f" | STACK 0x{0xFFFFC90000A1BD40 + 8 * i:016x} [0x{w >> 32:08x}:0x{w & 0xFFFFFFFF:08x}] "
+                    "(<unknown>)\n" for i, w in enumerate(stack))
+    return ("Next at t=21797050314\n" + "".join(f"({n}) {line}\n" for n, line in enumerate(at)) +
+            f"CPU0:\n{regs}rip: {rip >> 32:08x}_{rip & 0xFFFFFFFF:08x}\n"
+            "eflags 0x00000002: id vip vif ac vm rf nt IOPL=0 of df if tf sf zf af pf cf\n"
+            f"{shows}Stack address size 8\n{words}" +
+            "".join(f"({n}).[21797050314] {line}\n" for n, line in enumerate(at)))
+
+
+def test_stop_report_names_the_nested_guest_first_and_keeps_the_addresses(tmp_path: Path) -> None:
+    """Two CPUs: one in a kernel function, one in a nested guest. The nested guest is what never returned; each
+    CPU's address stays in the log, and a stack that is the nested guest's is not named."""
+    (tmp_path / "System.map").write_text(SYSTEM_MAP)
+    names = symbols.Symbolizer(tmp_path / "System.map", {})
+    halted = (0x10, TEXT + 0x1003, "hlt", False)
+    both = debugger_stop([halted, (0x8, 0x101348, "jmp .-2  (0x00101348)", True)], [TEXT + 0x1041, 0x1234])
+    kernel = debugger_stop([halted], [])
+    where, log = bochs.stop_report(("tests/test_x.py ." + both).splitlines(), BASES, names.name)
+    assert where == bochs.NESTED
+    assert log[1:4] == ["CPU 0 at 0010:ffffffff9a001003 in native_safe_halt+0x3/0x40: hlt",
+                        "CPU 1 at 0008:0000000000101348 in a nested guest (VMX non-root): jmp .-2  (0x00101348)",
+                        "  ? default_idle+0x1/0xfc0"]
+    assert log[4:6] == ["Bochs's debugger:", "Next at t=21797050314"], "without pytest's progress before it"
+    where, log = bochs.stop_report(kernel.splitlines(), BASES, names.name)
+    assert where == "native_safe_halt"
+    where, log = bochs.stop_report(kernel.splitlines(), {}, names.name)
+    assert where is None and log[1] == "CPU 0 at 0010:ffffffff9a001003 in the kernel: hlt", "no bases: no name"
+
+
+def test_a_bochs_that_says_nothing_leaves_the_hang_unnamed() -> None:
+    """Past the deadline the monitor asks for the stop; Bochs ends without a debugger report: the title says no
+    stack came, the log says Bochs did not say where."""
+    monitor = Monitor(1, 1, 0, can_nmi=True, answer=lambda lines, bases: bochs.stop_report(lines, bases,
+                                                                                            lambda a, b: None))
+    monitor.line(f"{stream.MARK} {stream.TEST_START} 1.0 "
+                 f"{stream.encode({'nodeid': 't::x', 'catalog': [], 'groups': []})}", 0.0)
+    assert monitor.tick(0.5) is None and monitor.tick(1.5) == "nmi" and monitor.tick(2.0) is None
+    monitor.line("Bochs is exiting", 2.1)
+    monitor.finish(False, 2.2)
+    [found] = monitor.crashes
+    assert (found.report.title, found.nodeid) == ("hang with no kernel stack", "t::x")
+    assert found.report.lines[1:] == ["Bochs did not say where the guest was (no debugger stop in its output)",
+                                      "Bochs's debugger:", "Bochs is exiting"]

@@ -1,6 +1,6 @@
 """Crash survival of `kvmtests qualify` without a kernel: a stand-in emulator plays a guest whose kernel panics,
-oopses, locks up, warns or goes silent at a chosen test or probe, and the results, titles and resumes that
-qualify leaves are checked.
+oopses, locks up, warns, goes silent or freezes (a stand-in Bochs then answers SIGINT as its debugger does) at a
+chosen test or probe, and the results, titles and resumes that qualify leaves are checked.
 
 The stand-in is this module run as the emulator: it reads the command line and initramfs qualify built, as the
 real guest would (the suite's command and environment from /init, the resume state through KVMTESTS_RESUME,
@@ -12,10 +12,12 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import lzma
 import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import sys
 import time
@@ -31,7 +33,7 @@ import test_crash
 from kvmtests.runner import bochs, initramfs, monitor, qemu, qualify, rootfs
 from kvmtests.verdict import crash, features, report, stream
 from kvmtests.verdict.junit import junit
-from test_bochs import encoded, tools
+from test_bochs import BASES, KVM_INTEL, SYSTEM_MAP, TEXT, debugger_stop, encoded, module_object, tools
 from test_qualify import RELEASE, elf, make_image, read_cpio, run_cli
 
 pytestmark = pytest.mark.selftest
@@ -66,6 +68,16 @@ task python3 tid 245 state D
   kvm_vcpu_block+0x3e/0x80 [kvm]
   kvm_vcpu_halt+0x7e/0x3c0 [kvm]
 """ + "".join(f"  {line.strip()}\n" for line in test_crash.VCPU_RUN.splitlines() if "+0x" in line)
+# A guest that freezes (no watchdog, no kernel) -> what Bochs's debugger says once interrupted: the suite's vCPU
+# spinning in its nested guest (as kvmtests.freeze_at leaves it), or the kernel spinning in kvm_intel or in its own
+# code (named from the test's System.map and module), or somewhere nothing names.
+STOPS = {
+    "freeze": debugger_stop([(0x0008, 0x101348, "jmp .-2  (0x00101348)", True)], [0, 0]),
+    "freeze-kvm": debugger_stop([(0x0010, BASES["kvm_intel:.text"] + 0x12, "pause", False)],
+                                [BASES["kvm_intel:.text"] + 0x51, 0xFFFFC90000A1BDA8, TEXT + 0x1041]),
+    "freeze-kernel": debugger_stop([(0x0010, TEXT + 0x1003, "jmp .-2  (0xffffffff9a001003)", False)], []),
+    "freeze-nowhere": debugger_stop([(0x0010, TEXT + 0x3000, "jmp .-2  (0xffffffff9a003000)", False)], []),
+}
 # A fault's kind -> what the kernel prints; a hang, a silent guest and a test process that dies print nothing
 KERNEL = {"panic": test_crash.SYSRQ_PANIC, "oops": test_crash.NULL_DEREF, "oops-panic": test_crash.OOPS_THEN_PANIC,
           "lockup": test_crash.SOFT_LOCKUP, "warn": test_crash.warning(""), "boot-panic": test_crash.INIT_KILLED}
@@ -153,11 +165,12 @@ class Guest:
             if fault["at"] == at and fault.get("boot", self.boot) == self.boot:
                 return fault["kind"]
         hook = stream.cmdline_hook(at, self.cmdline)
-        return {"crash": "panic", "hang": "hang"}[hook] if hook else None
+        return {"crash": "panic", "hang": "hang", "freeze": "freeze"}[hook] if hook else None
 
     def run(self) -> NoReturn:
         """Boot, run what earlier boots left, as the plugin does in a resumed guest, and end as /init does."""
         self.kernel(f"Linux version {RELEASE} (builder@example) #1 SMP PREEMPT_DYNAMIC\nRun /init as init process")
+        self.event(stream.TEXT_BASES, ",".join(f"{k}={v:#x}" for k, v in BASES.items()))
         kind = self.fault("boot")
         if kind:
             self.crash(kind)
@@ -210,7 +223,9 @@ class Guest:
             self.reboot()
         elif kind in ("oops", "segfault"):
             self.finish(137 if kind == "oops" else 139, None)   # the test's process is gone: pytest wrote no results
-        elif kind == "hang":
+        elif kind.startswith("freeze") and self.bochs:
+            self.frozen(kind)
+        elif kind.startswith(("hang", "freeze")):       # elsewhere a freeze is a hang: the kernel still schedules
             time.sleep(self.test_timeout + 0.2)
             self.event(stream.HANG_STACKS)
             self.write(HANG_STACKS)
@@ -222,6 +237,15 @@ class Guest:
             self.reboot()
         elif kind != "warn":
             self.silence()
+
+    def frozen(self, kind: str) -> NoReturn:
+        """The whole guest stops (no watchdog, no kernel) until the runner interrupts Bochs: its debugger says where
+        the CPU was and quits."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        if signal.sigtimedwait({signal.SIGINT}, 60) is None:
+            sys.exit(3)
+        self.write(STOPS[kind])
+        sys.exit(0)
 
     def reboot(self) -> NoReturn:
         """panic=-1 reboots at once: QEMU (-no-reboot) exits, Bochs starts the machine again."""
@@ -443,10 +467,12 @@ def test_a_warning_lets_the_run_go_on(under_qemu: Run) -> None:
     check_junit(run, failures=1, skipped=0)
 
 
-def test_a_hang_ends_at_the_test_deadline_with_the_guests_stacks(under_qemu: Run) -> None:
-    """The guest's watchdog prints the overdue test's stacks; the stuck task's titles the hang; the run resumes."""
+@pytest.mark.parametrize("hook", [stream.HANG_AT, stream.FREEZE_AT])
+def test_a_hang_ends_at_the_test_deadline_with_the_guests_stacks(under_qemu: Run, hook: str) -> None:
+    """The guest's watchdog prints the overdue test's stacks; the stuck task's titles the hang; the run resumes.
+    Under QEMU the freeze hook is a hang too: its guest kernel still schedules."""
     timeout = 1.0
-    run = under_qemu([], "--test-timeout", f"{timeout:g}", "--append", f"{stream.HANG_AT}={MP_SET}")
+    run = under_qemu([], "--test-timeout", f"{timeout:g}", "--append", f"{hook}={MP_SET}")
     check_resumed(run, MP_SET, crash.HANG, "hang in kvm_vcpu_block", [MP_GET], "mp_inactive_vtl")
     log = run.test(MP_SET)["log"]
     assert log[0].startswith("no progress for ") and log[1] == "task python3 tid 245 state D"
@@ -537,3 +563,37 @@ def test_bochs_resumes_with_the_state_in_the_initramfs(under_bochs: Run, initrds
     state = json.loads(read_cpio(initrds[1])[resume_file][1])
     assert state["done"] == sorted(NODEIDS[:5]) and set(state["crashed_groups"]) == {"rwx_attributes"}
     assert "results-begin" in (run.results / "console.log").read_text()
+
+
+@pytest.mark.parametrize("kind, title, where", [
+    ("freeze", f"hang in {bochs.NESTED}",
+     "CPU 0 at 0008:0000000000101348 in a nested guest (VMX non-root): jmp .-2  (0x00101348)"),
+    ("freeze-kvm", "hang in vmx_vcpu_run",
+     "CPU 0 at 0010:ffffffffc0a00012 in vmx_vcpu_run+0x2/0x40 [kvm_intel]: pause"),
+    ("freeze-kernel", "hang in native_safe_halt",
+     "CPU 0 at 0010:ffffffff9a001003 in native_safe_halt+0x3/0x40: jmp .-2  (0xffffffff9a001003)"),
+    ("freeze-nowhere", "hang with no kernel stack",
+     "CPU 0 at 0010:ffffffff9a003000 in the kernel: jmp .-2  (0xffffffff9a003000)"),
+], ids=["nested", "module", "kernel", "unnamed"])
+def test_bochs_says_where_a_frozen_guest_was(under_bochs: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             kind: str, title: str, where: str) -> None:
+    """A guest whose kernel cannot even print its stacks (under Bochs, the freeze hook's vCPU spinning in its nested
+    guest with interrupts off stops it all): past the deadline the runner interrupts Bochs, whose debugger says where
+    the CPU was, and quits. The hang is titled from that: the nested guest, or the function the RIP is in (the
+    kernel's System.map, the module's symbols, moved to the bases /init reported), no numbers; the log keeps them."""
+    monkeypatch.setattr(qualify, "STACKS_GRACE", {"QEMU": 0.5, "Bochs": 0.5})
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot" / f"System.map-{RELEASE}").write_text(SYSTEM_MAP)
+    kvm = tmp_path / "lib" / "modules" / RELEASE / "kernel" / "arch" / "x86" / "kvm"
+    kvm.mkdir(parents=True)
+    (kvm / "kvm.ko").write_bytes(module_object("kvm", "", {".text": [("kvm_vcpu_ioctl", 0, 0x100)]}))
+    (kvm / "kvm-intel.ko.xz").write_bytes(lzma.compress(module_object("kvm_intel", "kvm", KVM_INTEL)))
+    hook = ["--append", f"{stream.FREEZE_AT}={XMM_GET}"] if kind == "freeze" else []
+    run = under_bochs([] if hook else [{"at": XMM_GET, "kind": kind}], "--test-timeout", "1", *hook)
+    check_resumed(run, XMM_GET, crash.HANG, title, [XMM_TVA], "xmm_output")
+    log = run.test(XMM_GET)["log"]
+    assert re.fullmatch(r"no progress for \d+ s in .*; no kernel stack came", log[0])
+    assert log[1:3] == ["the guest did not answer; Bochs's debugger stopped it (SIGINT):", where]
+    frames = ["  ? handle_ept_violation.cold+0x1/0x20 [kvm_intel]", "  ? default_idle+0x1/0xfc0"]
+    assert log[3:5] == (frames if kind == "freeze-kvm" else ["Bochs's debugger:", "Next at t=21797050314"])
+    assert f"in_vmx_guest = {str(kind == 'freeze').lower()}" in log and log[-1].startswith("(0).[21797050314] ")

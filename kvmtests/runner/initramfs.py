@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtests.verdict.stream import HANG_STACKS, HANG_STACKS_END
+from kvmtests.verdict.stream import HANG_STACKS, HANG_STACKS_END, TEXT_BASES
 
 from .console import MARK, SUITE_END, SUITE_START, RunnerError, results_to_console
 from .rootfs import HostFile
@@ -30,6 +30,7 @@ MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
 DEADLINE_FILE = "/run/kvmtests-deadline"   # inside the suite's root: the running test's deadline (uptime, s)
 STACK_ADDRESSES = r"s/^\[<[0-9a-f]*>\] /  /"   # /proc/PID/stack's "[<0>] " before each frame, as a console stack
+SYMBOLIZED_MODULES = ("kvm", "kvm_intel", "kvm_amd")   # whose code sections /init reports, to name a RIP in them
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,21 @@ case "$(grep -m1 vendor_id /proc/cpuinfo)" in
   *AuthenticAMD*|*HygonGenuine*) load amd ;;
   *GenuineIntel*) load intel ;;
 esac
+{_text_bases()}
 {_local_root(plan) if plan.self_contained else _shared_root(plan)}
 poweroff -f
 echo o > /proc/sysrq-trigger
 sleep 5
 """
+
+
+def _text_bases() -> str:
+    """Shell lines printing one mark with where this boot put the kernel's text (_text) and the code sections of
+    KVM's modules (KASLR moves them each boot): the host names an emulator's RIP from them."""
+    modules = " ".join(SYMBOLIZED_MODULES)
+    return f"""b="_text=$(grep -m1 ' _text$' /proc/kallsyms | cut -d' ' -f1)"
+for m in {modules}; do for s in /sys/module/$m/sections/.*text*; do [ -r "$s" ] && b="$b,$m:${{s##*/}}=$(cat "$s")"; done; done
+mark {TEXT_BASES} "$b\""""
 
 
 def _special_mounts(root: str) -> str:

@@ -82,7 +82,8 @@ def unpack_source(deb: Path, work: Path) -> Path:
 
 
 def build(recipe: Recipe, deb: Path, work: Path, out: Path) -> Path:
-    """Configure and build the tree in deb (unpacked under work) into out/bzImage, with out/config."""
+    """Configure and build the tree in deb (unpacked under work) into out/bzImage, with out/config and out/System.map
+    (which names a hang's RIP: qualify looks for it beside the image)."""
     check_tools()
     log = out / "build.log"
     log.write_text("")
@@ -99,5 +100,6 @@ def build(recipe: Recipe, deb: Path, work: Path, out: Path) -> Path:
         raise RunnerError(f"the kernel's Kconfig did not keep {', '.join(dropped)} from {fragment}")
     _run(["make", f"-j{(os.cpu_count() or 1) + 1}", "bzImage"], tree, log)
     shutil.copyfile(tree / "arch" / "x86" / "boot" / "bzImage", out / "bzImage")
+    shutil.copyfile(tree / "System.map", out / "System.map")
     (out / "config").write_text(config)
     return out / "bzImage"

@@ -3,19 +3,28 @@ crash reports attributed to the test or probe that was running, and the per-test
 
 It tells the console loop when to act: kill the emulator once a fatal report is complete (the kernel is
 tainted, or gone; the run resumes on a fresh boot), or ask an emulator that can for a non-maskable interrupt
-when a test is overdue and the guest's own watchdog gave no stacks (a CPU spinning with interrupts off)."""
+when a test is overdue and the guest's own watchdog gave no stacks (a CPU spinning with interrupts off). QEMU's
+guest kernel answers it with a panic and the stack it interrupted; Bochs's debugger stops the guest, says where
+it was and quits, and the emulator's answer (a function named from the text bases /init reported, or a nested
+guest) titles the hang."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kvmtests.verdict import crash, stream
-from kvmtests.verdict.stream import mark_words
+from kvmtests.verdict.stream import mark_words, text_bases
 
 KILL, NMI = "kill", "nmi"
 QUIET = 3.0          # s without a kernel line that closes a report that has no end marker
 TRAILER = 2.0        # s of console kept after a fatal report before the emulator is stopped
 AFTER_NMI = 30.0     # s to wait for the kernel's answer to a non-maskable interrupt
 JUST_ENDED = 5.0     # s after a test's end within which a report is still that test's (its teardown's)
+ANSWER_LINES = 400   # console lines kept after the NMI for an emulator's answer
+
+# An emulator's answer to the NMI: from its console lines after it and the text bases of the boot, where the guest
+# was (what the hang's title names: a function or a nested guest; None: not known) and the lines for its log.
+Answer = Callable[[list[str], Mapping[str, int]], "tuple[str | None, list[str]]"]
 
 
 @dataclass
@@ -48,8 +57,11 @@ class Running:
 class Monitor:
     """Reads one boot's console lines (line) and the clock (tick); holds what the suite reported."""
 
-    def __init__(self, boot: int, test_timeout: float, grace: float, can_nmi: bool):
+    def __init__(self, boot: int, test_timeout: float, grace: float, can_nmi: bool, answer: Answer | None = None):
         self.boot, self.test_timeout, self.grace, self.can_nmi = boot, test_timeout, grace, can_nmi
+        self.answer = answer
+        self.answer_lines: list[str] = []
+        self.bases: dict[str, int] = {}
         self.scanner = crash.Scanner()
         self.started = False
         self.suite_rc: int | None = None
@@ -72,12 +84,16 @@ class Monitor:
     def line(self, text: str, now: float) -> None:
         """Take one console line at host time now."""
         self.last_line = now
+        if self.nmi_at is not None and self.answer is not None and len(self.answer_lines) < ANSWER_LINES:
+            self.answer_lines.append(text)
         words = mark_words(text)
         if words:
             self._event(words[1:], now)
             return
         if self.stacks is not None:
             self.stacks.append(text)
+            return
+        if not crash.is_kernel_line(text):     # pytest's own lines may quote a title (a blocked row's skip reason)
             return
         for report in self.scanner.feed(text):
             self._report(report, now)
@@ -99,6 +115,8 @@ class Monitor:
                 self.host = stream.decode(payload)["host"]
             elif name == stream.COLLECTED:
                 self.collected = stream.decode(payload)
+            elif name == stream.TEXT_BASES:
+                self.bases = text_bases(payload)
             elif name == stream.PROBE_START:
                 self.running = Running(None, payload, {}, now)
             elif name == stream.PROBE_END:
@@ -164,6 +182,14 @@ class Monitor:
         if self.running is not None:
             self._report(crash.hang_report(_suite_task_first(stacks), now - self.running.since, self._where()), now)
 
+    def _stopped(self, now: float) -> None:
+        """The emulator answered the NMI by stopping the guest (or did not answer): a hang titled from where it was."""
+        running = self.running
+        if running is None or self._fatal_for_running():
+            return
+        where, log = self.answer(self.answer_lines, self.bases) if self.answer is not None else (None, [])
+        self._report(crash.hang_report([], now - running.since, self._where(), where, log), now)
+
     def _since(self) -> float:
         return self.running.since if self.running is not None else self.last_line
 
@@ -190,7 +216,7 @@ class Monitor:
             self.nmi_at = now
             return NMI
         if self.nmi_at is None or now - self.nmi_at > AFTER_NMI:
-            self._report(crash.hang_report([], now - running.since, self._where()), now)
+            self._stopped(now)
             return KILL
         return None
 
@@ -198,6 +224,8 @@ class Monitor:
         """The emulator is gone: close an open report; a test still running was cut off with the boot."""
         for report in self.scanner.flush():
             self._report(report, now)
+        if self.nmi_at is not None and self.answer is not None:
+            self._stopped(now)
         if self.running is not None and not self._fatal_for_running() and not timed_out:
             self._report(crash.Report(crash.KILLED, "the guest stopped with no kernel report",
                                       ["the emulator ended while this ran"]), now)

@@ -21,7 +21,7 @@ from kvmtests.verdict.features import parse_required
 from kvmtests.verdict.junit import junit
 from kvmtests.verdict.report import NotResults, load, render
 
-from . import bochs, console, initramfs, kernels, qemu, resume, rootfs
+from . import bochs, console, initramfs, kernels, qemu, resume, rootfs, symbols
 from .console import RunnerError
 from .monitor import Monitor
 
@@ -127,9 +127,10 @@ def guest_env(accel: str, host_env: Mapping[str, str], results: Path, test_timeo
 
 
 def kernel_cmdline(accel: str, extra: str = "") -> str:
-    """Console on the serial port, a panic ends the run, the suite can tell which emulator it runs in; then
-    --append (kvmtests.accel= names QEMU's accelerator, or bochs)."""
-    return f"console=ttyS0 panic=-1 kvmtests.accel={accel} {extra}".strip()
+    """Console on the serial port, time stamps on the kernel's lines (they tell them from the suite's), a panic ends
+    the run, the suite can tell which emulator it runs in; then --append (kvmtests.accel= names QEMU's accelerator,
+    or bochs)."""
+    return f"console=ttyS0 printk.time=1 panic=-1 kvmtests.accel={accel} {extra}".strip()
 
 
 def qemu_cpu(cpu: str | None, accel: str) -> str:
@@ -323,7 +324,8 @@ def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.Bo
     append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {cell.append}")
     cfg = bochs.MachineConfig(iso=iso, log=cell.results / "bochs.log", mem_mb=mem, cpus=args.smp)
     (tmp / "bochsrc").write_text(bochs.bochsrc(cfg, tools))
-    (tmp / "debugger.rc").write_text(bochs.DEBUGGER_SCRIPT)
+    (tmp / "debugger.rc").write_text(bochs.debugger_script(cfg.cpus))
+    namer = symbolizer(cell)
 
     def boot(n: int, state: dict | None, left: float) -> tuple[console.RunResult, Monitor]:
         extra = b"" if state is None else initramfs.cpio_archive(
@@ -342,16 +344,24 @@ def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.Bo
             echo(line)
             collector(line)
 
-        monitor = Monitor(n, cell.test_timeout, cell.grace, can_nmi=False)
+        monitor = Monitor(n, cell.test_timeout, cell.grace, can_nmi=True,
+                          answer=lambda lines, bases: bochs.stop_report(lines, bases, namer.name))
         run = console.run_console(bochs.bochs_command(tmp / "bochsrc", tmp / "debugger.rc", tools.bochs),
                                   cell.results / "console.log", left, min(cell.boot_timeout, left), on_line,
-                                  monitor, None, "w" if n == 1 else "a")
+                                  monitor, bochs.interrupt, "w" if n == 1 else "a")
         problem = collector.unpack(cell.results)
         if problem and console.SUITE_END in run.marks and not monitor.fatal:
             print(f"qualify: {problem}")
         return run, monitor
 
     return boot
+
+
+def symbolizer(cell: Cell) -> symbols.Symbolizer:
+    """What names a RIP in this cell's kernel: its System.map (if there is a real one) and KVM's module files."""
+    index = initramfs.module_index(cell.modules) if cell.modules else {}
+    return symbols.Symbolizer(symbols.find_system_map(cell.image, cell.release),
+                              {name: index[name] for name in initramfs.SYMBOLIZED_MODULES if name in index})
 
 
 def cells(args: argparse.Namespace) -> list[tuple[str, str]]:

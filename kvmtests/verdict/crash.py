@@ -80,6 +80,14 @@ class Report:
         return self.kind in FATAL
 
 
+_STAMP = re.compile(r"\[\s*\d+\.\d{6}\]")
+
+
+def is_kernel_line(line: str) -> bool:
+    """Whether a console line is the kernel's (printk's time stamp), not the suite's output quoting a title."""
+    return _STAMP.search(line) is not None
+
+
 def strip_prefix(line: str) -> str:
     """A kernel line without its printk time stamp (and caller id, and any text before them) or trailing
     carriage return."""
@@ -211,9 +219,12 @@ def scan(lines: list[str]) -> list[Report]:
     return reports + scanner.flush()
 
 
-def hang_report(stacks: list[str], silent_for: float, where: str) -> Report:
-    """A hang the kernel did not report itself: titled from the stacks the guest or the emulator gave, if any."""
-    function = stack_function(stacks) or rip_function(stacks)
+def hang_report(stacks: list[str], silent_for: float, where: str, stopped_in: str | None = None,
+                stop: list[str] | None = None) -> Report:
+    """A hang the kernel did not report itself: titled from the stacks the guest or the emulator gave, else from
+    where the emulator found the guest when it stopped it (stopped_in: a function, or "a nested guest ..."),
+    whose account (stop) goes to the log."""
+    function = stack_function(stacks) or rip_function(stacks) or stopped_in
     detail = f"no progress for {silent_for:.0f} s in {where}" + ("" if stacks else "; no kernel stack came")
     return Report(HANG, f"hang in {function}" if function else "hang with no kernel stack",
-                  [detail, *stacks[:MAX_LOG_LINES]])
+                  [detail, *stacks, *(stop or [])][:MAX_LOG_LINES + 1])

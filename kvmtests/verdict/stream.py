@@ -19,9 +19,11 @@ HANG_STACKS, HANG_STACKS_END = "hang-stacks", "hang-stacks-end"
 RESUME_ENV = "KVMTESTS_RESUME"             # the resume file a rebooted guest reads
 DEADLINE_ENV = "KVMTESTS_DEADLINE_FILE"    # where the running test's deadline (uptime, s) is for /init's watchdog
 TEST_TIMEOUT_ENV = "KVMTESTS_TEST_TIMEOUT"
-# Test-only hooks, read from the kernel command line and never set by default: crash or hang the guest
+TEXT_BASES = "text-bases"   # /init: where the kernel's and KVM's code landed this boot (KASLR), to name a RIP
+# Test-only hooks, read from the kernel command line and never set by default: crash, hang or freeze the guest
 # kernel at the named test (node id), to check that the runner survives it.
-CRASH_AT, HANG_AT = "kvmtests.crash_at", "kvmtests.hang_at"
+CRASH_AT, HANG_AT, FREEZE_AT = "kvmtests.crash_at", "kvmtests.hang_at", "kvmtests.freeze_at"
+HOOKS = {CRASH_AT: "crash", HANG_AT: "hang", FREEZE_AT: "freeze"}
 BLOCKED = "blocked by a crash: "   # a skip with this message is the outcome "blocked"
 
 
@@ -85,6 +87,21 @@ class Stream:
             Path(self.deadline_file).unlink(missing_ok=True)
 
 
+def text_bases(word: str) -> dict[str, int]:
+    """The payload of /init's TEXT_BASES mark, `_text=ffffffff9a000000,kvm:.text=0xffffffffc0a00000,...`: where
+    the kernel's text and each module's code section start this boot; a hidden (zero) address is left out."""
+    bases = {}
+    for item in word.split(","):
+        key, _, value = item.partition("=")
+        try:
+            address = int(value, 16)
+        except ValueError:
+            continue
+        if key and address:
+            bases[key] = address
+    return bases
+
+
 def open_stream(path: str | None) -> Stream | None:
     """The console stream a qualify guest asked for with --kvmtests-stream, else None."""
     if not path:
@@ -102,7 +119,7 @@ def load_resume() -> dict:
 
 
 def cmdline_hook(nodeid: str, cmdline: str | None = None) -> str | None:
-    """'crash' or 'hang' when the kernel command line names this test in a test-only hook."""
+    """'crash', 'hang' or 'freeze' when the kernel command line names this test in a test-only hook."""
     if cmdline is None:
         try:
             cmdline = Path("/proc/cmdline").read_text()
@@ -110,13 +127,15 @@ def cmdline_hook(nodeid: str, cmdline: str | None = None) -> str | None:
             return None
     for word in cmdline.split():
         key, _, value = word.partition("=")
-        if value == nodeid and key in (CRASH_AT, HANG_AT):
-            return "crash" if key == CRASH_AT else "hang"
+        if value == nodeid and key in HOOKS:
+            return HOOKS[key]
     return None
 
 
 def force(kind: str) -> None:
-    """Carry out a test-only hook: crash the kernel through sysrq, or spin a vCPU in KVM_RUN with no watchdog."""
+    """Carry out a test-only hook: crash the kernel through sysrq, or spin a vCPU in KVM_RUN with no watchdog,
+    interruptible (hang: the guest's kernel still schedules) or not (freeze: under Bochs a nested guest spinning
+    with RFLAGS.IF=0 stops the whole guest kernel, a Bochs VMX bug; elsewhere it is a hang)."""
     if kind == "crash":
         Path("/proc/sysrq-trigger").write_text("c")
         return
@@ -126,6 +145,9 @@ def force(kind: str) -> None:
     with Kvm() as kvm, kvm.create_vm() as vm:
         m = guest.build(vm, guest.load_payload("basic"), entry="spin")
         regs = m.vcpu.get_regs()
-        regs.rflags |= guest.RFLAGS_IF    # interruptible, so the guest's kernel still schedules (Bochs, spec 5)
+        if kind == "freeze":
+            regs.rflags &= ~guest.RFLAGS_IF
+        else:
+            regs.rflags |= guest.RFLAGS_IF    # interruptible, so the guest's kernel still schedules (Bochs, spec 5)
         m.vcpu.set_regs(regs)
         uapi.ioctl(m.vcpu.fd, uapi.KVM_RUN)   # never returns: the runner's deadline must catch it
