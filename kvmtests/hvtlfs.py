@@ -1,4 +1,6 @@
-"""Hyper-V TLFS constants used by the suite (hypercall codes, statuses, CPUID bits, MSRs)."""
+"""Hyper-V TLFS constants used by the suite (hypercall codes, statuses, CPUID bits, MSRs). tests/test_tlfs_headers.py
+checks each against the kernel's own Hyper-V headers, under the same name; one those headers lack cites the page of the
+online TLFS it comes from (https://learn.microsoft.com/virtualization/hyper-v-on-windows/tlfs/PAGE)."""
 
 # MSRs
 HV_X64_MSR_GUEST_OS_ID = 0x40000000
@@ -13,15 +15,15 @@ HYPERV_CPUID_VERSION = 0x40000002
 HYPERV_CPUID_FEATURES = 0x40000003
 HYPERV_CPUID_ENLIGHTMENT_INFO = 0x40000004
 HYPERV_CPUID_IMPLEMENT_LIMITS = 0x40000005
-HYPERV_INTERFACE_SIGNATURE = 0x31237648  # "Hv#1"
+HYPERV_INTERFACE_SIGNATURE = 0x31237648  # "Hv#1", TLFS feature-discovery
 
 # 0x40000003 EBX (partition privileges, high half)
 HV_POST_MESSAGES = 1 << 4
 HV_SIGNAL_EVENTS = 1 << 5
 HV_ENABLE_EXTENDED_HYPERCALLS = 1 << 20
-HV_ACCESS_VSM = 1 << 16
-HV_ACCESS_VP_REGISTERS = 1 << 17
-HV_START_VIRTUAL_PROCESSOR = 1 << 21
+HV_ACCESS_VSM = 1 << 16                  # TLFS datatypes/hv_partition_privilege_mask: AccessVsm
+HV_ACCESS_VP_REGISTERS = 1 << 17         # TLFS datatypes/hv_partition_privilege_mask: AccessVpRegisters
+HV_START_VIRTUAL_PROCESSOR = 1 << 21     # TLFS datatypes/hv_partition_privilege_mask: StartVirtualProcessor
 # 0x40000003 EDX
 HV_X64_HYPERCALL_XMM_INPUT_AVAILABLE = 1 << 4
 HV_X64_HYPERCALL_XMM_OUTPUT_AVAILABLE = 1 << 15
@@ -33,17 +35,17 @@ HV_X64_EX_PROCESSOR_MASKS_RECOMMENDED = 1 << 11
 HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE = 0x0002
 HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST = 0x0003
 HVCALL_SEND_IPI = 0x000B
-HVCALL_MODIFY_VTL_PROTECTION_MASK = 0x000C
-HVCALL_ENABLE_PARTITION_VTL = 0x000D
+HVCALL_MODIFY_VTL_PROTECTION_MASK = 0x000C   # TLFS hypercalls/overview
+HVCALL_ENABLE_PARTITION_VTL = 0x000D         # TLFS hypercalls/overview
 HVCALL_ENABLE_VP_VTL = 0x000F
-HVCALL_VTL_CALL = 0x0011
-HVCALL_VTL_RETURN = 0x0012
+HVCALL_VTL_CALL = 0x0011                     # TLFS hypercalls/overview
+HVCALL_VTL_RETURN = 0x0012                   # TLFS hypercalls/overview
 HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE_EX = 0x0013
 HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX = 0x0014
 HVCALL_SEND_IPI_EX = 0x0015
 HVCALL_GET_VP_REGISTERS = 0x0050
 HVCALL_SET_VP_REGISTERS = 0x0051
-HVCALL_TRANSLATE_VIRTUAL_ADDRESS = 0x0052
+HVCALL_TRANSLATE_VIRTUAL_ADDRESS = 0x0052    # not in TLFS hypercalls/overview: the series' P07 (later hvgdk_mini.h)
 HVCALL_POST_MESSAGE = 0x005C
 HVCALL_SIGNAL_EVENT = 0x005D
 HV_EXT_CALL_QUERY_CAPABILITIES = 0x8001

@@ -36,6 +36,23 @@ def flag(series, kind: str) -> int:
     return memfault.FLAG_OF[kind] if series.patched("fault_rwx_flags") else 0
 
 
+def provider(value: int) -> str:
+    """The group whose behaviour restricting a page is: upstream's PRIVATE (core), or the series' NR/NW/NX (P12-P16)."""
+    return "core" if value == PRIVATE else "rwx_attributes"
+
+
+def restrict(series, vm, page: int, value: int, row: int | str) -> None:
+    """Attributes a row of P09 or P10/P11 relies on: refused, they are their provider's error, not the row's failure."""
+    with series.precondition(provider(value), f"KVM_SET_MEMORY_ATTRIBUTES({attr_names(value)}) succeeds"):
+        memfault.set_attrs(vm, page, PAGE, value, row)
+
+
+def expect_denied(series, out: memfault.Outcome, value: int, what: str) -> None:
+    """The memory-fault exit a row of P09 or P10/P11 relies on: none at all is the restriction's provider's error."""
+    with series.precondition(provider(value), f"{what} makes a memory-fault exit"):
+        assert out.fault is not None, str(out)
+
+
 @pytest.fixture
 def prober(vm, series, fault_rule):
     """Section C preconditions: the series' attributes and TDP; a guest ready to access PAGE_A/PAGE_B."""
@@ -97,8 +114,9 @@ def test_exactly_one_access_flag(prober, series, value, kind):
         pytest.skip("needs a CPU that faults a locked read-modify-write as one write: single-threaded QEMU TCG "
                     "(one vCPU) runs xchg as a load, then a store, so the read faults first (with --smp 2 the "
                     "row runs)")
-    memfault.set_attrs(prober.m.vm, PAGE_A, PAGE, value, 62)
+    restrict(series, prober.m.vm, PAGE_A, value, 62)
     out = prober.access(kind, target(kind, PAGE_A), value=0x5A)
+    expect_denied(series, out, value, f"catalog 35-44: a {kind} of a {attr_names(value)} page")
     want = uapi.KVM_MEMORY_EXIT_FLAG_WRITE if kind == memfault.RMW else memfault.FLAG_OF[kind]
     expect_fault(out, kind, PAGE_A, f"62 ({attr_names(value)}, {kind})", want)
 
@@ -293,9 +311,10 @@ def test_private_page_access_flags(kvm, series, fault_rule, kind, row):
     with kvm.create_vm(memfault.sw_protected_vm_type(kvm)) as vm:
         p = memfault.build_prober(vm, rule=fault_rule)
         p.place_ret(PAGE_A)
-        memfault.set_attrs(vm, PAGE_A, PAGE, PRIVATE, row)
-        want = PRIVATE | (memfault.FLAG_OF[kind] if series.patched("fault_rwx_flags") else 0)
-        expect_fault(p.access(kind, target(kind, PAGE_A), value=1), kind, PAGE_A, row, want)
+        restrict(series, vm, PAGE_A, PRIVATE, row)
+        out = p.access(kind, target(kind, PAGE_A), value=1)
+        expect_denied(series, out, PRIVATE, f"a {kind} of a PRIVATE page without guest_memfd")
+        expect_fault(out, kind, PAGE_A, row, PRIVATE | flag(series, kind))
 
 
 # --- section D: instruction length -------------------------------------------------------------------
@@ -321,10 +340,10 @@ def insn_access(vm, name: str, kind: str, rule: memfault.FaultRule) -> memfault.
 def insn_fault(vm, name: str, series, rule: memfault.FaultRule, row: str) -> tuple[int, memfault.Fault]:
     """Run one labelled instruction of insn_len.S against a restricted page: (its length, the fault, every field checked)."""
     kind = READ if name.startswith("r") else WRITE
-    memfault.set_attrs(vm, INSN_PAGE, PAGE, NR | NW | NX if kind == READ else NW, 63)
+    value = NR | NW | NX if kind == READ else NW
+    restrict(series, vm, INSN_PAGE, value, 63)
     out = insn_access(vm, name, kind, rule)
-    with series.precondition("rwx_attributes", f"catalog 35/44: {name} on a restricted page makes a memory-fault exit"):
-        assert out.fault is not None, str(out)
+    expect_denied(series, out, value, f"catalog 35/44: {name} on a restricted page")
     return out.insn_length, expect_fault(out, kind, INSN_PAGE, f"{row} ({name}, {out.insn_length}-byte {kind})",
                                          flag(series, kind))
 
@@ -355,10 +374,9 @@ def test_insn_len_never_exceeds_15(vm, series, kvm, fault_rule):
             seen.append((name, insn_fault(own, name, series, fault_rule, "67")[1]))
     p = memfault.build_prober(vm, rule=fault_rule)
     p.place_ret(PAGE_A)
-    memfault.set_attrs(vm, PAGE_A, PAGE, NX, 69)
+    restrict(series, vm, PAGE_A, NX, 69)
     out = p.access(EXEC, target(EXEC, PAGE_A))
-    with series.precondition("rwx_attributes", "catalog 41: an execute on an NX page makes a memory-fault exit"):
-        assert out.fault is not None, str(out)
+    expect_denied(series, out, NX, "catalog 41: an execute on an NX page")
     seen.append(("execute", expect_fault(out, EXEC, PAGE_A, 69, flag(series, EXEC))))
     bad = [f"{name}: {fault}" for name, fault in seen if fault.insn_len > 15]
     assert not bad, f"catalog 67/68/69: insn_len above 15: {'; '.join(bad)}"
@@ -371,9 +389,11 @@ def test_shadow_paging_reports_no_insn_len(vm, series, fault_rule):
         pytest.skip("needs TDP disabled (kvm_intel.ept=0 or kvm_amd.npt=0): the row is about the shadow #PF path")
     p = memfault.build_prober(vm, rule=fault_rule)
     p.place_ret(PAGE_A)
-    memfault.set_attrs(vm, PAGE_A, PAGE, NW | NX, 70)
+    restrict(series, vm, PAGE_A, NW | NX, 70)
     for kind in (WRITE, EXEC):
-        fault = expect_fault(p.access(kind, target(kind, PAGE_A), value=1), kind, PAGE_A, 70, flag(series, kind))
+        out = p.access(kind, target(kind, PAGE_A), value=1)
+        expect_denied(series, out, NW | NX, f"catalog 43: a {kind} of an NW|NX page under shadow paging")
+        fault = expect_fault(out, kind, PAGE_A, 70, flag(series, kind))
         assert fault.insn_len == 0, f"catalog 70: {kind}: {fault}, expected insn_len 0 (shadow #PF passes no length)"
 
 
@@ -385,10 +405,9 @@ def test_private_mismatch_exit_carries_insn_len(kvm, series):
         pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
     rule = memfault.FaultRule(series.patched("fault_insn_len"), exact=True)
     with kvm.create_vm(memfault.sw_protected_vm_type(kvm)) as vm:
-        memfault.set_attrs(vm, INSN_PAGE, PAGE, PRIVATE, 65)
+        restrict(series, vm, INSN_PAGE, PRIVATE, 65)
         out = insn_access(vm, "r3", READ, rule)
-        with series.precondition("core", "a read of a PRIVATE page without guest_memfd makes a memory-fault exit"):
-            assert out.fault is not None, str(out)
+        expect_denied(series, out, PRIVATE, "a read of a PRIVATE page without guest_memfd")
         expect_fault(out, READ, INSN_PAGE, "65 (private read by mov (%rbx),%rax)", PRIVATE | flag(series, READ))
 
 
@@ -406,13 +425,11 @@ def test_insn_len_byte_overwrites_sentinel(kvm, series, source):
     else:
         vm_type, name, kind, value = memfault.sw_protected_vm_type(kvm), "r3", READ, PRIVATE
     with kvm.create_vm(vm_type) as vm:
-        memfault.set_attrs(vm, INSN_PAGE, PAGE, value, 66)
+        restrict(series, vm, INSN_PAGE, value, 66)
         rule = memfault.FaultRule(series.patched("fault_insn_len"), memfault.intel_ept(), memfault.tdp() is False)
         out = insn_access(vm, name, kind, rule)
-        provider, what = (("rwx_attributes", "catalog 35: a write to an NW page") if source == "nw-write" else
-                          ("core", "a read of a PRIVATE page without guest_memfd"))
-        with series.precondition(provider, f"{what} makes a memory-fault exit"):
-            assert out.fault is not None, str(out)
+        expect_denied(series, out, value, "catalog 35: a write to an NW page" if source == "nw-write" else
+                      "a read of a PRIVATE page without guest_memfd")
         flags = (PRIVATE if value == PRIVATE else 0) | flag(series, kind)
         expect_fault(out, kind, INSN_PAGE, f"66 ({source})", flags)
 

@@ -138,3 +138,20 @@ def test_missing_build_tools_are_one_clear_error() -> None:
         kbuild.check_tools(which=lambda tool: None if tool == "flex" else f"/usr/bin/{tool}",
                            exists=lambda path: not path.endswith("gelf.h"))
     kbuild.check_tools(which=lambda tool: f"/usr/bin/{tool}", exists=lambda path: True)
+
+
+def test_kbuild_keeps_the_trees_hyperv_headers(tmp_path: Path) -> None:
+    tree, out = tmp_path / "linux-source-6.12", tmp_path / "out"
+    headers = ["arch/x86/include/asm/hyperv-tlfs.h", "include/asm-generic/hyperv-tlfs.h", "include/hyperv/hvgdk.h",
+               "include/hyperv/hvhdk_mini.h"]
+    for rel in headers + ["include/linux/hyperv.h", "arch/x86/include/asm/mshyperv.h"]:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(f"/* {rel} */\n")
+    stale = out / kbuild.HYPERV_HEADERS_DIR / "include/hyperv/stale.h"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    kbuild.keep_hyperv_headers(tree, out)
+    kept = out / kbuild.HYPERV_HEADERS_DIR
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*.h")) == headers, "the Hyper-V headers, only they"
+    assert all((kept / rel).read_text() == f"/* {rel} */\n" for rel in headers)
+    assert kbuild.hyperv_headers(kept) == kbuild.hyperv_headers(tree) == [Path(rel) for rel in headers]

@@ -302,16 +302,17 @@ def test_host_identity_names_the_serving_vendor_module(tmp_path, present, flags,
     assert host.vendor_modules(tmp_path, flags) == serving
 
 
-GATED_CONFTEST = '''
+CRAFTED_CONFTEST = '''
 pytest_plugins = ["kvmtests.verdict.plugin"]
 from kvmtests.verdict import features, probe
 
-_STATES = {k: features.PRESENT for k in features.GROUPS} | {"vtl_ipi": features.ABSENT}
+_STATES = {k: features.PRESENT for k in features.GROUPS} | {"%s": features.ABSENT}
 features.detect = lambda g: features.Detection(g, _STATES[g], f"crafted probe for {g}")
 features.detect_all = lambda: {g: features.detect(g) for g in features.GROUPS}
 features.advertised_hv_bits = lambda: {}
 probe.host_identity = lambda: {"kernel": "6.12.0-crafted", "vendor module": "kvm_amd"}
 '''
+GATED_CONFTEST = CRAFTED_CONFTEST % "vtl_ipi"
 
 # A kernel whose PV IPIs ignore use_target_vtl (vtl_ipi detected absent), observed values crafted.
 GATED_TESTS = '''
@@ -353,10 +354,12 @@ def test_precondition_inside_a_known_deviation(series, request):
 '''
 
 
-def run_gated(pytester, *args: str, workers: str = "0", tests: str = GATED_TESTS):
-    """The crafted kernel's rows through the plugin in a nested pytest: (its output, tests by name)."""
-    pytester.makeconftest(GATED_CONFTEST)
-    pytester.makepyfile(test_gated=tests)
+def run_gated(pytester, *args: str, workers: str = "0", tests: str = GATED_TESTS, conftest: str = GATED_CONFTEST,
+              **modules: str):
+    """The crafted kernel's rows (and other test modules, by name) through the plugin in a nested pytest: (its
+    output, tests by name)."""
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_gated=tests, **modules)
     pytester._monkeypatch.setenv("KVMTESTS_DEV", "/nonexistent-kvm")
     pytester._monkeypatch.setenv("PYTHONPATH", PROJECT)
     result = pytester.runpytest_subprocess("-n", workers, "-rA", "--kvmtests-json", "out.json", "-p", "no:cacheprovider",
@@ -387,11 +390,13 @@ def test_gating_keeps_each_rows_own_verdict(pytester, workers):
 def test_failed_precondition_is_an_error_of_the_providing_group(pytester):
     result, tests = run_gated(pytester)
     row = tests["test_row_with_a_failed_precondition"]
-    assert (row["outcome"], row["groups"]) == ("error", ["rwx_attributes"]), "not a failure of attr_tracepoints"
+    assert (row["outcome"], row["groups"], row["precondition"]) == (
+        "error", ["rwx_attributes", "attr_tracepoints"], "rwx_attributes"), "an error of attr_tracepoints, no failure"
     assert row["message"] == ("precondition from rwx_attributes failed: catalog 20: attributes 0x1 (NR alone) are "
                               "rejected: attributes 0x1 accepted")
     inside = tests["test_precondition_inside_a_known_deviation"]
-    assert (inside["outcome"], inside["groups"]) == ("error", ["core"]), "a broken set-up is no known deviation"
+    assert (inside["outcome"], inside["groups"]) == ("error", ["core", "rwx_attributes"]), \
+        "a broken set-up is no known deviation"
     text = result.stdout.str()
     assert "ERROR test_gated.py::test_row_with_a_failed_precondition" in text
     assert "precondition from rwx_attributes failed: catalog 20: attributes 0x1" in text
@@ -435,13 +440,13 @@ def test_flags_row_sees_wrong_flags():
 
 
 def test_a_wrong_exit_field_counts_under_the_group_that_provides_it(pytester):
-    """A wrong insn_len (P11) or flags (P09) in a row of another group is that group's error, not the row's
-    failure; in a row of the providing group it is a failure counted there alone."""
+    """A wrong insn_len (P11) or flags (P09) in a row of another group is that group's error (and an error, not a
+    failure, of the row's group); in a row of the providing group it is a failure counted there alone."""
     result, tests = run_gated(pytester, tests=FIELD_TESTS)
     got = {name: (t["outcome"], t["groups"]) for name, t in tests.items()}
     assert got == {
-        "test_attribute_row_sees_a_wrong_insn_len": ("error", ["fault_insn_len"]),
-        "test_attribute_row_sees_wrong_flags": ("error", ["fault_rwx_flags"]),
+        "test_attribute_row_sees_a_wrong_insn_len": ("error", ["fault_insn_len", "rwx_attributes"]),
+        "test_attribute_row_sees_wrong_flags": ("error", ["fault_rwx_flags", "rwx_attributes"]),
         "test_attribute_row_sees_a_wrong_size": ("failed", ["rwx_attributes"]),
         "test_insn_len_row_sees_a_wrong_insn_len": ("failed", ["fault_insn_len"]),
         "test_flags_row_sees_wrong_flags": ("failed", ["fault_rwx_flags"]),
@@ -459,3 +464,109 @@ def test_without_gating_an_absent_group_checks_upstream(pytester):
     assert tests["test_row_that_behaves_as_specified"]["outcome"] == "failed", "upstream expectation checked"
     assert tests["test_row_that_is_broken"]["outcome"] == "skipped"
     assert tests["test_fixed_known_deviation"]["outcome"] == "passed", "no known deviation upstream"
+
+
+# The issue's single-bug kernel: the whole series but P18, whose codes KVM answers in the kernel with status 2
+# (VtlCall and VtlReturn no longer exit); hyperv's driver answers so without a VM.
+VSM_BROKEN_CONFTEST = CRAFTED_CONFTEST % "vsm_hcalls" + '''
+import pytest
+from kvmtests import hvtlfs
+from kvmtests.machine import hyperv
+
+
+def hypercall(hvm, control, rdx=0, r8=0, *, xmm=None, **_):
+    """P18's codes answered in the kernel (RAX 2), every other code exiting as the series says."""
+    call = hyperv.Call(control, rdx, r8, list(xmm or hyperv.XMM_DEFAULT))
+    if call.code in hvtlfs.VSM_CODES:
+        return hyperv.Outcome(call, completed=True, rax=hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)
+    return hyperv.Outcome(call, exited=True, input=control, params=(rdx, r8),
+                          xmm=list(call.xmm) if call.fast else [hyperv.XMM_SENTINEL] * 6)
+
+
+hyperv.build = lambda vm, *args, **kwargs: None
+hyperv.hypercall = hypercall
+
+
+@pytest.fixture
+def vm():
+    return None
+
+
+@pytest.fixture
+def xmm_capture():
+    return True         # xmm_output present (tests/conftest.py)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # the crafted driver needs no /dev/kvm
+        item.add_marker(pytest.mark.nokvm)
+'''
+
+# The VSM scenarios' steps on that kernel: the control page machine/vsm.py reads when a step ends, and its checks.
+VSM_STEPS = '''
+import pytest
+from kvmtests import hvtlfs
+from kvmtests.machine import vsm
+
+
+class ControlPage(dict):
+    """VTL-shared memory as the harness reads it, without a VM: u64 values by GPA, zero where unwritten."""
+
+    def read_u64(self, gpa):
+        return self.get(gpa, 0)
+
+    def write_u64(self, gpa, value):
+        self[gpa] = value
+
+
+@pytest.mark.catalog(125, 126, 127, 130, 133)
+def test_interrupt_for_vtl1_preempts_running_vtl0(series):
+    """VTL1, woken by the MSI, took it and returned: KVM answered its HvCallVtlReturn, and VTL1 ran on without an exit
+    until its step ended."""
+    series.require("vsm_hcalls")
+    vsm.answered_in_kernel(ControlPage({vsm.NOTED[1]: hvtlfs.HVCALL_VTL_RETURN}), 1)
+
+
+@pytest.mark.catalog(80, 81, 85, 125)
+def test_vtl_call_and_return_round_trips_without_drift(series):
+    """KVM answered VTL0's HvCallVtlCall: VTL0 went on to its guest assertion."""
+    series.require("vsm_hcalls")
+    vsm.answered_in_kernel(ControlPage({vsm.NOTED[0]: hvtlfs.HVCALL_VTL_CALL}), 0)
+
+
+@pytest.mark.catalog(80, 84)
+def test_start_virtual_processor_for_a_second_vp(series):
+    """VTL0's HvCallStartVirtualProcessor exits (P08): served, nothing is left noted."""
+    series.require("hv_exits")
+    page = ControlPage({vsm.NOTED[0]: hvtlfs.HVCALL_START_VP})
+    vsm.served(page, 0, hvtlfs.HVCALL_START_VP)
+    vsm.answered_in_kernel(page, 0)
+'''
+HV_HCALLS = Path(__file__).with_name("test_hv_hcalls.py")
+
+
+def test_a_row_relying_on_a_required_absent_group_is_that_groups_error(pytester):
+    """--require series on a kernel whose VtlCall/VtlReturn never exit: catalog 110 (its own row, run on crafted
+    hypercalls) and the MSI-wake scenario's step are errors of vsm_hcalls naming what they relied on, and errors, not
+    failures, of xmm_output and mp_inactive_vtl; the round trip, which checks catalog 80 itself, fails under vsm_hcalls
+    alone."""
+    result, tests = run_gated(pytester, "--require", "series", "-k", "leaks_nothing or test_gated",
+                              conftest=VSM_BROKEN_CONFTEST, tests=VSM_STEPS, test_hv_hcalls=HV_HCALLS.read_text())
+    got = {name: (t["outcome"], t["groups"], t.get("precondition")) for name, t in tests.items()}
+    assert got == {
+        "test_fast_exit_outside_the_xmm_fast_list_leaks_nothing": ("error", ["vsm_hcalls", "xmm_output"], "vsm_hcalls"),
+        "test_interrupt_for_vtl1_preempts_running_vtl0": ("error", ["vsm_hcalls", "mp_inactive_vtl"], "vsm_hcalls"),
+        "test_vtl_call_and_return_round_trips_without_drift": ("failed", ["vsm_hcalls"], None),
+        "test_start_virtual_processor_for_a_second_vp": ("passed", ["hv_exits", "vsm_hcalls"], None),
+    }
+    assert tests["test_fast_exit_outside_the_xmm_fast_list_leaks_nothing"]["message"] == (
+        "precondition from vsm_hcalls failed: catalog 80: fast hypercall 0x0011 exits to userspace: no exit, the guest "
+        "resumed after the hypercall with RAX 0x2 (INVALID_HYPERCALL_CODE)")
+    assert tests["test_interrupt_for_vtl1_preempts_running_vtl0"]["message"] == (
+        "precondition from vsm_hcalls failed: VSM harness step: catalog 80: VTL1's hypercall 0x12 never reached the "
+        "VMM: KVM answered it in the kernel")
+    counts = report.group_counts(json.loads((pytester.path / "out.json").read_text()))
+    assert {g: dict(counts[g]) for g in ("xmm_output", "mp_inactive_vtl", "vsm_hcalls")} == {
+        "xmm_output": {"error": 1}, "mp_inactive_vtl": {"error": 1},
+        "vsm_hcalls": {"error": 2, "failed": 1, "passed": 1}}
+    assert "FAILED required feature group vsm_hcalls" in result.stdout.str()

@@ -27,7 +27,9 @@ GUEST_ASSERTS = "guest assertion 1: RSI, 2: RAX, 3: RCX, 4: RSP after a VTL call
 @contextlib.contextmanager
 def harness(kvm, series, *groups: str, vps: int = 1) -> Iterator[vsm.Vsm]:
     """The two-VTL harness once every group it composes is present (always state 11, for the inactive VTL); else a
-    skip naming every missing group. Its set-up failing is an error of mp_inactive_vtl, not of the scenario."""
+    skip naming every missing group. Its set-up failing is an error of mp_inactive_vtl, not of the scenario; a step
+    failing because a group it composes is broken names that group (vsm.StepFailed: a hypercall KVM answered in the
+    kernel, state 11 refused), that group's error in a scenario of other groups."""
     absent, unknown = [], {}
     for group in ("mp_inactive_vtl", *groups):
         try:

@@ -3,23 +3,11 @@
  * vtl1_entry the first time, afterwards after its last VtlReturn, TLFS "VTL return") and dispatches on the
  * entry reason and, for a VTL call, on the command in RDX. GPRs are shared between the VTLs (TLFS register
  * sharing): VTL1 preserves what it does not return, and returns RAX/RCX through the control page (TLFS
- * hv_vp_vtl_control vtl_ret_x64rax/rcx). USE_VMMCALL comes from the builder (the host's native instruction). */
+ * hv_vp_vtl_control vtl_ret_x64rax/rcx). USE_VMMCALL comes from the builder (the host's native instruction),
+ * and so do the TLFS readings (vsm.py guest_readings: hypercall codes, entry reasons, map flags MAP_ALL and
+ * MAP_NO_WRITE, register names, hypercall input offsets), the values the harness parses the inputs with. */
 .include "common.inc"
 
-.set HVCALL_VTL_CALL, 0x11
-.set HVCALL_VTL_RETURN, 0x12
-.set HVCALL_MODIFY_VTL_PROTECTION_MASK, 0x0c
-.set HVCALL_GET_VP_REGISTERS, 0x50
-.set HVCALL_SET_VP_REGISTERS, 0x51
-.set HVCALL_START_VP, 0x99
-.set FAST, 0x10000
-.set REP1, 0x100000000
-.set ENTRY_VTL_CALL, 1
-.set ENTRY_INTERRUPT, 2
-.set MSG_GPA_INTERCEPT, 0x80000001
-.set HV_X64_REGISTER_RIP, 0x00020010
-.set MAP_ALL, 0xf                      /* HV_MAP_GPA_READABLE | WRITABLE | KERNEL_EXEC | USER_EXEC */
-.set MAP_NO_WRITE, 0xd
 .set CMD_ECHO, 0
 .set CMD_PROTECT, 1
 .set CMD_REGS, 2
@@ -43,6 +31,8 @@
 .set VP1_FLAG, CONTROL + 0x78
 .set VP1_RSP, CONTROL + 0x80
 .set VTL1_STATUS2, CONTROL + 0x88      /* ... of its second one */
+.set VTL0_HCALL, CONTROL + 0x90        /* NOTE_HCALL: VTL0's hypercall the VMM has not served yet */
+.set VTL1_HCALL, CONTROL + 0x98        /* ... VTL1's */
 .set VP1_STACK, STACK_TOP - 0x6000
 .set VP1_PORT, 0xea
 .set INPUT, DATA_GPA + 0x1000          /* VTL1's hypercall input page */
@@ -54,6 +44,15 @@
 .else
 	vmcall
 .endif
+.endm
+
+/* Note the hypercall in RCX for the VMM unless an earlier one is noted still: the VMM clears the note when it serves
+ * the exit (vsm.py served), and every hypercall here must exit, so a note left names one KVM answered itself. */
+.macro NOTE_HCALL slot
+	cmpq $0, \slot
+	jne .Lnoted\@
+	movq %rcx, \slot
+.Lnoted\@:
 .endm
 
 _start:
@@ -70,6 +69,7 @@ vtl0_calls:
 	movq %r12, %rdi
 	movq $CMD_ECHO, %rdx
 	movq $HVCALL_VTL_CALL, %rcx
+	NOTE_HCALL VTL0_HCALL
 .globl vtl0_call_insn
 vtl0_call_insn:
 	HVCALL
@@ -91,6 +91,7 @@ vtl0_call_loop:
 	movq $1, %rdi
 	movq $CMD_ECHO, %rdx
 	movq $HVCALL_VTL_CALL, %rcx
+	NOTE_HCALL VTL0_HCALL
 	HVCALL
 	jmp vtl0_call_loop
 
@@ -101,6 +102,7 @@ vtl0_protect:
 	movq %rbx, %rdi
 	movq $CMD_PROTECT, %rdx
 	movq $HVCALL_VTL_CALL, %rcx
+	NOTE_HCALL VTL0_HCALL
 	HVCALL
 	movabsq $0x0123456789abcdef, %rax
 	movq %rax, %r12
@@ -121,6 +123,7 @@ vtl0_protect_loop:
 	movq %rbx, %rdi
 	movq $CMD_PROTECT, %rdx
 	movq $HVCALL_VTL_CALL, %rcx
+	NOTE_HCALL VTL0_HCALL
 	HVCALL
 	movq %rax, (%rbx)
 	jmp vtl0_protect_loop
@@ -141,6 +144,7 @@ vtl0_spin:
 vtl0_regs:
 	movq $CMD_REGS, %rdx
 	movq $HVCALL_VTL_CALL, %rcx
+	NOTE_HCALL VTL0_HCALL
 .globl vtl0_regs_insn
 vtl0_regs_insn:
 	HVCALL
@@ -159,24 +163,25 @@ vtl0_redirected:
 vtl0_start_vp:
 	movq $VP0_INPUT, %rdi
 	movq $-1, (%rdi)                   /* partition_id: HV_PARTITION_ID_SELF */
-	movq $1, 8(%rdi)                   /* vp_index 1, target_vtl 0 */
-	movq $vp1_entry, 16(%rdi)          /* rip */
-	movq $VP1_STACK, 24(%rdi)          /* rsp */
-	movq $2, 32(%rdi)                  /* rflags */
+	movq $1, HEADER_VP_INDEX(%rdi)     /* vp_index 1, target_vtl 0 and the reserved bytes after it */
+	movq $vp1_entry, (START_CONTEXT + CONTEXT_RIP)(%rdi)
+	movq $VP1_STACK, (START_CONTEXT + CONTEXT_RSP)(%rdi)
+	movq $2, (START_CONTEXT + CONTEXT_RFLAGS)(%rdi)
 	movl $0xc0000080, %ecx
 	rdmsr
 	shlq $32, %rdx
 	orq %rdx, %rax
-	movq %rax, 200(%rdi)               /* efer */
+	movq %rax, (START_CONTEXT + CONTEXT_EFER)(%rdi)
 	movq %cr0, %rax
-	movq %rax, 208(%rdi)
+	movq %rax, (START_CONTEXT + CONTEXT_CR0)(%rdi)
 	movq %cr3, %rax
-	movq %rax, 216(%rdi)
+	movq %rax, (START_CONTEXT + CONTEXT_CR3)(%rdi)
 	movq %cr4, %rax
-	movq %rax, 224(%rdi)
+	movq %rax, (START_CONTEXT + CONTEXT_CR4)(%rdi)
 	movq $HVCALL_START_VP, %rcx
 	movq %rdi, %rdx
 	xorq %r8, %r8
+	NOTE_HCALL VTL0_HCALL
 	HVCALL
 	movq %rax, %r12
 1:	pause
@@ -215,6 +220,7 @@ vtl1_entry:
 vtl1_return:
 	xorl %eax, %eax
 	movq $HVCALL_VTL_RETURN, %rcx
+	NOTE_HCALL VTL1_HCALL
 .globl vtl1_return_insn
 vtl1_return_insn:
 	HVCALL
@@ -226,13 +232,14 @@ modify_protection:
 	pushq %r8
 	movq $INPUT, %rdx
 	movq $-1, (%rdx)                   /* partition_id: HV_PARTITION_ID_SELF */
-	movl %esi, 8(%rdx)                 /* map_flags */
-	movl $0x10, 12(%rdx)               /* target_vtl: use_target_vtl, VTL 0 */
+	movl %esi, MODIFY_FLAGS(%rdx)
+	movl $USE_TARGET_VTL, MODIFY_VTL(%rdx)    /* target_vtl: use_target_vtl, VTL 0; the reserved bytes */
 	movq %rdi, %rax
 	shrq $12, %rax
-	movq %rax, 16(%rdx)                /* gpa_page_list[0] */
+	movq %rax, MODIFY_PAGES(%rdx)      /* gpa_page_list[0] */
 	movabsq $(HVCALL_MODIFY_VTL_PROTECTION_MASK | REP1), %rcx
 	xorq %r8, %r8
+	NOTE_HCALL VTL1_HCALL
 	HVCALL
 	movq %rax, VTL1_STATUS
 	popq %r8
@@ -247,11 +254,12 @@ vtl1_protect:
 /* GetVpRegisters(VTL0 RIP), fast with XMM output into XMM1; SetVpRegisters(VTL0 RIP := vtl0_redirected). */
 vtl1_regs:
 	movq $-1, %rdx                     /* partition_id */
-	movabsq $0x1000000000, %r8         /* vp_index 0, input_vtl: use_target_vtl, VTL 0 */
+	movabsq $(USE_TARGET_VTL << ((HEADER_VTL - 8) * 8)), %r8    /* input bytes 8-15: vp_index 0, input_vtl */
 	movl $HV_X64_REGISTER_RIP, %eax
 	movq %rax, %xmm0
 	pxor %xmm1, %xmm1
 	movabsq $(HVCALL_GET_VP_REGISTERS | FAST | REP1), %rcx
+	NOTE_HCALL VTL1_HCALL
 	HVCALL
 	movq %rax, VTL1_STATUS
 	movq %xmm1, %rax
@@ -261,6 +269,7 @@ vtl1_regs:
 	movq $vtl0_redirected, %rax
 	movq %rax, %xmm1                   /* value */
 	movabsq $(HVCALL_SET_VP_REGISTERS | FAST | REP1), %rcx
+	NOTE_HCALL VTL1_HCALL
 	HVCALL
 	movq %rax, VTL1_STATUS2
 	jmp vtl1_return

@@ -56,6 +56,8 @@ class Wrong:
 class FieldMismatch(memfault.FieldMismatch):
     """A wrong Hyper-V exit or completion field: the plugin counts memfault's FieldMismatch under its group."""
 
+    what = "Hyper-V exit or completion field"
+
 
 def fail_first(wrong: list[Wrong], n: int, what: str) -> None:
     """The first wrong field fails the row: under its group, or as the row's own failure."""

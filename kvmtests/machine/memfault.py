@@ -136,6 +136,8 @@ class FieldMismatch(AssertionError):
     """A part of an exit that a group provides is wrong (P09 flags, P11 insn_len, what a denial or a permitted access
     did): the verdict counts it under that feature group, not under the row that happened to provoke the exit."""
 
+    what = "memory-fault exit field"    # what the row relied on, in the message of an error of another group's row
+
     def __init__(self, group: str, message: str):
         super().__init__(message)
         self.group = group

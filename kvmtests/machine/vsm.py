@@ -3,10 +3,14 @@
 devices, no SynIC. Guest side in guestasm/vsm.S; every KVM_RUN is bounded by the watchdog.
 
 Readings of the TLFS the harness relies on (run so far only on a local, partial port of the series to 6.12
-under QEMU TCG, AMD; not on the posted series):
-- GPRs other than RSP are shared between VTLs; RIP, RSP, RFLAGS and the control registers are private. A VTL
-  return gives the lower VTL the RAX/RCX that the higher VTL left in its control page (hv_vp_vtl_control
-  vtl_ret_x64rax/rcx); here the control page is a host-defined page, not the VP assist page.
+under QEMU TCG, AMD; not on the posted series). The values are the constants below, which vsm.S builds its inputs
+with too; tests/test_tlfs_headers.py checks each against the Hyper-V definitions in the kernel's own headers, and
+each one those headers lack cites the page of the online TLFS it comes from
+(https://learn.microsoft.com/virtualization/hyper-v-on-windows/tlfs/PAGE):
+- GPRs other than RSP are shared between VTLs; RIP, RSP, RFLAGS and the control registers are private (TLFS vsm).
+  A VTL return gives the lower VTL the RAX/RCX that the higher VTL left in its control page (TLFS
+  datatypes/hv_vp_vtl_control: VtlReturnX64Rax/Rcx); here the control page is a host-defined page, not the VP
+  assist page.
 - The higher VTL resumes after its last HvCallVtlReturn; the entry reason (1 VTL call, 2 interrupt) is in its
   control page. An intercept reaches it as a message (HvMessageTypeGpaIntercept) with an interrupt entry; with
   no SynIC the harness writes the message into the control page.
@@ -32,15 +36,24 @@ from kvmtests import hvtlfs, uapi
 
 from . import asm, guest, hyperv, watchdog
 from .exits import describe
-from .kvm import Exit, Kvm, KvmError, Unavailable, Vcpu
-from .memfault import Fault
+from .kvm import Exit, Kvm, KvmError, MemRegion, Unavailable, Vcpu
+from .memfault import Fault, FieldMismatch
 
-ENTRY_VTL_CALL, ENTRY_INTERRUPT = 1, 2          # TLFS HV_VTL_ENTRY_REASON
-MSG_GPA_INTERCEPT = 0x80000001                  # TLFS HvMessageTypeGpaIntercept
-ACCESS_READ, ACCESS_WRITE, ACCESS_EXECUTE = 0, 1, 2   # TLFS HV_INTERCEPT_ACCESS_TYPE
-MAP_READ, MAP_WRITE, MAP_KERNEL_EXEC = 1, 2, 4  # TLFS HV_MAP_GPA_* (HvModifyVtlProtectionMask)
-HV_X64_REGISTER_RIP, HV_X64_REGISTER_RFLAGS = 0x00020010, 0x00020011
+ENTRY_VTL_CALL, ENTRY_INTERRUPT = 1, 2          # TLFS datatypes/hv_vp_vtl_control: HV_VTL_ENTRY_REASON
+MSG_GPA_INTERCEPT = 0x80000001                  # HvMessageTypeGpaIntercept
+ACCESS_READ, ACCESS_WRITE, ACCESS_EXECUTE = 0, 1, 2   # TLFS datatypes/hv-x64-intercept-message-header
+MAP_READ, MAP_WRITE, MAP_KERNEL_EXEC, MAP_USER_EXEC = 1, 2, 4, 8  # TLFS hypercalls/hvcallmodifyvtlprotectionmask
+HV_X64_REGISTER_RIP, HV_X64_REGISTER_RFLAGS = 0x00020010, 0x00020011   # TLFS datatypes/hv_register_name
 USE_TARGET_VTL = hvtlfs.HV_INPUT_VTL_USE_TARGET_VTL
+# Hypercall inputs, byte offsets (a fast hypercall's input is RDX, R8, then XMM0-5: offset 16 is XMM0).
+MODIFY_FLAGS, MODIFY_VTL, MODIFY_PAGES = 8, 12, 16   # TLFS hypercalls/hvcallmodifyvtlprotectionmask
+# VP index and VTL after the partition id, in HvGetVpRegisters, HvSetVpRegisters and HvCallStartVirtualProcessor.
+HEADER_VP_INDEX, HEADER_VTL = 8, 12             # TLFS hypercalls/hvcallstartvirtualprocessor
+GET_NAMES, GET_NAME_SIZE, VALUE_SIZE = 16, 4, 16   # TLFS hypercalls/hvcallgetvpregisters: u32 names, 16-byte values
+SET_PAIRS, SET_PAIR_SIZE, SET_PAIR_VALUE = 16, 32, 16   # TLFS hypercalls/hvcallsetvpregisters: (name, value) pairs
+START_CONTEXT = 16                              # TLFS hypercalls/hvcallstartvirtualprocessor: HV_INITIAL_VP_CONTEXT
+CONTEXT_RIP, CONTEXT_RSP, CONTEXT_RFLAGS = 0, 8, 16                          # TLFS datatypes/hv_initial_vp_context
+CONTEXT_EFER, CONTEXT_CR0, CONTEXT_CR3, CONTEXT_CR4 = 184, 192, 200, 208     # TLFS datatypes/hv_initial_vp_context
 
 # The control page (vsm.S, which has the full layout), in VTL-shared memory: what the harness and tests read.
 CONTROL = guest.DATA_GPA
@@ -68,10 +81,24 @@ class HarnessError(AssertionError):
     """The VSM sequence left the TLFS path; the message names the catalog row or the exit."""
 
 
+class StepFailed(HarnessError, FieldMismatch):
+    """A step that relied on a feature group's behaviour and did not get it: counted under that group like a wrong
+    exit field, so a scenario composing the group gets that group's error, not a failure of its own groups."""
+
+    what = "VSM harness step"
+
+
 def _ok(result: tuple[int, int], what: str) -> None:
     ret, err = result
     if ret < 0:
         raise HarnessError(f"{what}: {uapi.errno_name(err)}")
+
+
+def _set_state(vcpu: Vcpu, state: int, what: str) -> None:
+    """KVM_SET_MP_STATE into state 11 or out of it, which every VTL switch relies on: mp_inactive_vtl's (P05)."""
+    ret, err = vcpu.set_mp_state(state)
+    if ret < 0:
+        raise StepFailed("mp_inactive_vtl", f"{what}: {uapi.errno_name(err)}")
 
 
 class Job:
@@ -157,6 +184,34 @@ class Log:
     started: dict[int, Job] = field(default_factory=dict)                   # VP index -> its first exit
 
 
+def guest_readings() -> dict[str, int]:
+    """The TLFS readings vsm.S builds its hypercall inputs with: the very values the harness parses them with."""
+    codes = ("HVCALL_VTL_CALL", "HVCALL_VTL_RETURN", "HVCALL_MODIFY_VTL_PROTECTION_MASK", "HVCALL_GET_VP_REGISTERS",
+             "HVCALL_SET_VP_REGISTERS", "HVCALL_START_VP")
+    return {**{code: getattr(hvtlfs, code) for code in codes},
+            "FAST": hvtlfs.HV_HYPERCALL_FAST_BIT, "REP1": 1 << hvtlfs.HV_HYPERCALL_REP_COMP_OFFSET,
+            "ENTRY_VTL_CALL": ENTRY_VTL_CALL, "ENTRY_INTERRUPT": ENTRY_INTERRUPT,
+            "MSG_GPA_INTERCEPT": MSG_GPA_INTERCEPT, "HV_X64_REGISTER_RIP": HV_X64_REGISTER_RIP,
+            "USE_TARGET_VTL": USE_TARGET_VTL,
+            "MAP_ALL": MAP_READ | MAP_WRITE | MAP_KERNEL_EXEC | MAP_USER_EXEC,
+            "MAP_NO_WRITE": MAP_READ | MAP_KERNEL_EXEC | MAP_USER_EXEC,
+            "MODIFY_FLAGS": MODIFY_FLAGS, "MODIFY_VTL": MODIFY_VTL, "MODIFY_PAGES": MODIFY_PAGES,
+            "HEADER_VP_INDEX": HEADER_VP_INDEX, "HEADER_VTL": HEADER_VTL, "START_CONTEXT": START_CONTEXT,
+            "CONTEXT_RIP": CONTEXT_RIP, "CONTEXT_RSP": CONTEXT_RSP, "CONTEXT_RFLAGS": CONTEXT_RFLAGS,
+            "CONTEXT_EFER": CONTEXT_EFER, "CONTEXT_CR0": CONTEXT_CR0, "CONTEXT_CR3": CONTEXT_CR3,
+            "CONTEXT_CR4": CONTEXT_CR4}
+
+
+def fast_input(hcall: object, xmm: list[tuple[int, int]]) -> bytes:
+    """A fast hypercall's input as its memory form would hold it: RDX, R8, then XMM0-5 (TLFS hypercall-interface)."""
+    return struct.pack("<QQ", hcall.params[0], hcall.params[1]) + b"".join(struct.pack("<QQ", lo, hi) for lo, hi in xmm)
+
+
+def field(data: bytes, offset: int, fmt: str = "<Q") -> int:
+    """One little-endian field of a hypercall input."""
+    return struct.unpack_from(fmt, data, offset)[0]
+
+
 def hcall_of(vcpu: Vcpu) -> object | None:
     """The kvm_run hcall of a KVM_EXIT_HYPERV/HCALL exit, or None."""
     ex, run = vcpu.last_exit, vcpu.run_struct
@@ -164,6 +219,26 @@ def hcall_of(vcpu: Vcpu) -> object | None:
             and run.x.hyperv.type == uapi.KVM_EXIT_HYPERV_HCALL:
         return run.x.hyperv.u.hcall
     return None
+
+
+# vsm.S NOTE_HCALL, in the control page beside vsm.S's layout: per VTL, the control word of a hypercall the guest made
+# that the VMM has not served. Every hypercall of vsm.S must exit, so a note left behind names one KVM answered itself.
+NOTED = {0: CONTROL + 0x90, 1: CONTROL + 0x98}
+
+
+def served(mem: MemRegion, vtl: int, control: int) -> None:
+    """VTLn's hypercall `control` reached the VMM: no earlier one of VTLn may be noted still; clear the note."""
+    answered_in_kernel(mem, vtl, control)
+    mem.write_u64(NOTED[vtl], 0)
+
+
+def answered_in_kernel(mem: MemRegion, vtl: int, serving: int = 0) -> None:
+    """A hypercall VTLn noted, other than the one being served, never exited: the failure of the group whose patch
+    makes its code exit (StepFailed), not of the scenario that composed it."""
+    noted = mem.read_u64(NOTED[vtl])
+    if noted not in (0, serving):
+        raise StepFailed(hyperv.code_group(noted & 0xFFFF), f"catalog 80: VTL{vtl}'s hypercall {noted:#x} never "
+                                                             "reached the VMM: KVM answered it in the kernel")
 
 
 def complete_now(vcpu: Vcpu, what: str) -> None:
@@ -182,7 +257,7 @@ def complete_vtl_switch(vcpu: Vcpu, hcall: object, what: str) -> None:
     complete_now(vcpu, what)
     after = vcpu.get_regs().rax
     if after != rax:
-        raise HarnessError(f"catalog 85: completing {what} changed RAX from {rax:#x} to {after:#x}")
+        raise StepFailed("vsm_hcalls", f"catalog 85: completing {what} changed RAX from {rax:#x} to {after:#x}")
 
 
 class Vsm:
@@ -216,7 +291,7 @@ class Vsm:
         hyperv.require_hyperv(self.kvm)
         self.vmmcall = hyperv.host_uses_vmmcall()
         payload = asm.assemble("vsm", base=guest.CODE_GPA,
-                               defines={**guest.layout_defines(), "USE_VMMCALL": int(self.vmmcall)})
+                               defines={**guest.layout_defines(), **guest_readings(), "USE_VMMCALL": int(self.vmmcall)})
         self.vm0 = self.kvm.create_vm()
         self._irqchip(self.vm0)
         self.m0 = guest.build(self.vm0, payload, vcpus=vps)
@@ -243,7 +318,7 @@ class Vsm:
         self.threads.append(self.t1)
         self.aps = {i: VcpuThread(v, f"vtl0-vp{i}") for i, v in enumerate(self.m0.vcpus) if i}
         self.threads.extend(self.aps.values())
-        _ok(self.vtl1.set_mp_state(INACTIVE), "catalog 125: KVM_SET_MP_STATE(HV_INACTIVE_VTL) on VP 0's VTL1 vCPU")
+        _set_state(self.vtl1, INACTIVE, "catalog 125: KVM_SET_MP_STATE(HV_INACTIVE_VTL) on VP 0's VTL1 vCPU")
         self.waiting = self.t1.submit(self._wait)
 
     def close(self) -> None:
@@ -290,9 +365,10 @@ class Vsm:
         wake = self.waiting.result(timeout=WAIT_LIMIT)
         self.wake_pending.clear()
         if wake.exit.timed_out:
-            raise HarnessError(f"VTL1 waited in state 11 past {WAIT_LIMIT:g} s: {describe(self.vtl1)}")
+            raise StepFailed("mp_inactive_vtl", f"VTL1 waited in state 11 past {WAIT_LIMIT:g} s: {describe(self.vtl1)}")
         if not wake.woken and wake.exit.errno != errno.EINTR:
-            raise HarnessError(f"catalog 126/130: VTL1 in state 11 stopped without WAKEUP: {describe(self.vtl1)}")
+            raise StepFailed("mp_inactive_vtl", f"catalog 126/130: VTL1 in state 11 stopped without WAKEUP: "
+                                                f"{describe(self.vtl1)}")
         return wake
 
     @contextmanager
@@ -310,7 +386,7 @@ class Vsm:
         """TLFS VTL entry: park VTL0 (state 11), carry the shared registers into VTL1, run VTL1 on its thread until
         its VtlReturn, carry them back (RAX/RCX from the control page) and make VTL0 runnable again."""
         regs0 = self.vtl0.get_regs()
-        _ok(self.vtl0.set_mp_state(INACTIVE), "catalog 125: parking VTL0 in KVM_MP_STATE_HV_INACTIVE_VTL")
+        _set_state(self.vtl0, INACTIVE, "catalog 125: parking VTL0 in KVM_MP_STATE_HV_INACTIVE_VTL")
         self._end_wait()
         self.mem.write(ENTRY_REASON, struct.pack("<I", reason))
         shared = self.t1.submit(self._vtl1_active, {r: getattr(regs0, r) for r in SHARED_GPRS}).result(WAIT_LIMIT)
@@ -319,14 +395,14 @@ class Vsm:
             setattr(regs0, r, shared[r])
         regs0.rax, regs0.rcx = self.mem.read_u64(RET_RAX), self.mem.read_u64(RET_RCX)
         self.vtl0.set_regs(regs0)
-        _ok(self.vtl0.set_mp_state(RUNNABLE), "making VTL0 runnable after VTL1's return")
+        _set_state(self.vtl0, RUNNABLE, "making VTL0 runnable after VTL1's return")
         self.waiting = self.t1.submit(self._wait)
 
     def _vtl1_active(self, shared: dict[str, int]) -> dict[str, int]:
         """On VTL1's thread: run VTL1 with VTL0's shared registers, serving its hypercalls, until HvCallVtlReturn."""
         vcpu = self.vtl1
         vcpu.run_struct.immediate_exit = 0
-        _ok(vcpu.set_mp_state(RUNNABLE), "waking VTL1: KVM_SET_MP_STATE(RUNNABLE)")
+        _set_state(vcpu, RUNNABLE, "waking VTL1: KVM_SET_MP_STATE(RUNNABLE)")
         regs = vcpu.get_regs()
         for r, value in shared.items():
             setattr(regs, r, value)
@@ -338,12 +414,14 @@ class Vsm:
                 continue
             hcall = hcall_of(vcpu)
             if hcall is None:
+                answered_in_kernel(self.mem, 1)
                 raise HarnessError(f"VTL1: {self.m1.describe(vcpu)}")
+            served(self.mem, 1, hcall.input)
             if hcall.input & 0xFFFF == hvtlfs.HVCALL_VTL_RETURN:
                 self.log.vtl_returns += 1
                 complete_vtl_switch(vcpu, hcall, "HvCallVtlReturn")
                 regs = vcpu.get_regs()
-                _ok(vcpu.set_mp_state(INACTIVE), "catalog 125: VTL1 back to KVM_MP_STATE_HV_INACTIVE_VTL")
+                _set_state(vcpu, INACTIVE, "catalog 125: VTL1 back to KVM_MP_STATE_HV_INACTIVE_VTL")
                 return {r: getattr(regs, r) for r in SHARED_GPRS}
             hcall.result = self.serve(1, vcpu, hcall)
 
@@ -367,6 +445,7 @@ class Vsm:
         ex = vcpu.run(STEP)
         hcall = hcall_of(vcpu)
         if hcall is not None:
+            served(self.mem, 0, hcall.input)
             if hcall.input & 0xFFFF == hvtlfs.HVCALL_VTL_CALL:
                 self.log.vtl_calls += 1
                 complete_vtl_switch(vcpu, hcall, "HvCallVtlCall")
@@ -380,6 +459,7 @@ class Vsm:
         if ex.ret == -1 and ex.errno == errno.EINTR and not ex.timed_out:
             vcpu.run_struct.immediate_exit = 0      # preempted for VTL1 (switched on the next step), or a stale kick
             return None
+        answered_in_kernel(self.mem, 0)      # VTL0 stopped after a hypercall that never exited
         uc = self.m0.ucall(vcpu)
         if uc is None or uc.cmd == guest.UCALL_ASSERT:
             raise HarnessError(f"VTL0: {self.m0.describe(vcpu)}")
@@ -421,23 +501,25 @@ class Vsm:
         raise HarnessError(f"VTL{vtl}: hypercall {hcall.input:#x} is not one the harness serves")
 
     def _modify_protection(self, gpa: int, reps: int) -> int:
-        partition, flags, target = struct.unpack("<QIB", self.mem.read(gpa, 13))
+        data = self.mem.read(gpa, MODIFY_PAGES + 8 * reps)
+        flags, target = field(data, MODIFY_FLAGS, "<I"), data[MODIFY_VTL]
         attrs = ((0 if flags & MAP_READ else uapi.KVM_MEMORY_ATTRIBUTE_NR)
                  | (0 if flags & MAP_WRITE else uapi.KVM_MEMORY_ATTRIBUTE_NW)
                  | (0 if flags & MAP_KERNEL_EXEC else uapi.KVM_MEMORY_ATTRIBUTE_NX))
         if target != USE_TARGET_VTL:     # VTL 0, named: the only VTL below VTL1
             return hvtlfs.HV_STATUS_INVALID_PARAMETER
-        for i in range(reps):
-            page = self.mem.read_u64(gpa + 16 + 8 * i) << 12
+        for number in struct.unpack_from(f"<{reps}Q", data, MODIFY_PAGES):
+            page = number << 12
             ret, err = self.vm0.set_memory_attributes(page, guest.PAGE, attrs)
             if ret < 0:
-                raise HarnessError(f"catalog 16: KVM_SET_MEMORY_ATTRIBUTES({page:#x}, {attrs:#x}) on the VTL0 VM: "
-                                   f"{uapi.errno_name(err)}")
+                raise StepFailed("rwx_attributes", f"catalog 16: KVM_SET_MEMORY_ATTRIBUTES({page:#x}, {attrs:#x}) on "
+                                                   f"the VTL0 VM: {uapi.errno_name(err)}")
             self.log.protections.append((page, attrs))
         return hvtlfs.HV_STATUS_SUCCESS | reps << 32
 
-    def _target(self, vtl: int, vp_index: int, input_vtl: int) -> Vcpu | None:
-        """The vCPU a VP-register hypercall names: (VP, target VTL), the caller's VTL without use_target_vtl."""
+    def _vp_target(self, vtl: int, data: bytes) -> Vcpu | None:
+        """The vCPU a VP-register hypercall's header names: (VP, target VTL), without use_target_vtl the caller's."""
+        vp_index, input_vtl = field(data, HEADER_VP_INDEX, "<I"), data[HEADER_VTL]
         target_vtl = input_vtl & 0xF if input_vtl & USE_TARGET_VTL else vtl
         if target_vtl == 1 and vp_index == 0:
             return self.vtl1
@@ -446,26 +528,30 @@ class Vsm:
         return None
 
     def _get_vp_registers(self, vtl: int, hcall: object, xmm: list[tuple[int, int]], reps: int) -> int:
-        target = self._target(vtl, hcall.params[1] & 0xFFFFFFFF, hcall.params[1] >> 32 & 0xFF)
-        names = struct.unpack(f"<{reps}I", b"".join(struct.pack("<QQ", lo, hi) for lo, hi in xmm)[:4 * reps])
-        first_out = (4 * reps + 15) // 16
-        if target is None or first_out + reps > 6:
+        data = fast_input(hcall, xmm)
+        target = self._vp_target(vtl, data)
+        first_out = -(-(GET_NAMES + GET_NAME_SIZE * reps) // 16) - 1    # the XMM register after the names (XMM0 at 16)
+        if target is None or first_out + reps * VALUE_SIZE // 16 > 6:
             return hvtlfs.HV_STATUS_INVALID_PARAMETER
+        names = struct.unpack_from(f"<{reps}I", data, GET_NAMES)
         regs = target.get_regs()
         values = {HV_X64_REGISTER_RIP: regs.rip, HV_X64_REGISTER_RFLAGS: regs.rflags}
         if any(n not in values for n in names):
             return hvtlfs.HV_STATUS_INVALID_PARAMETER
         for i, name in enumerate(names):     # every XMM is written back (P01): inputs unchanged, values after them
-            hcall.xmm[first_out + i].low, hcall.xmm[first_out + i].high = values[name], 0
+            out = hcall.xmm[first_out + i * VALUE_SIZE // 16]
+            out.low, out.high = values[name], 0
         return hvtlfs.HV_STATUS_SUCCESS | reps << 32
 
     def _set_vp_registers(self, vtl: int, hcall: object, xmm: list[tuple[int, int]], reps: int) -> int:
-        target = self._target(vtl, hcall.params[1] & 0xFFFFFFFF, hcall.params[1] >> 32 & 0xFF)
-        if target is None or 2 * reps > 6:
+        data = fast_input(hcall, xmm)
+        target = self._vp_target(vtl, data)
+        if target is None or SET_PAIRS + SET_PAIR_SIZE * reps > len(data):
             return hvtlfs.HV_STATUS_INVALID_PARAMETER
         regs = target.get_regs()
         for i in range(reps):
-            name, value = xmm[2 * i][0] & 0xFFFFFFFF, xmm[2 * i + 1][0]
+            pair = SET_PAIRS + SET_PAIR_SIZE * i
+            name, value = field(data, pair, "<I"), field(data, pair + SET_PAIR_VALUE)
             if name == HV_X64_REGISTER_RIP:
                 regs.rip = value
             elif name == HV_X64_REGISTER_RFLAGS:
@@ -477,12 +563,13 @@ class Vsm:
 
     def _start_vp(self, gpa: int) -> int:
         """HvCallStartVirtualProcessor: the VP's VTL0 vCPU gets the initial context and runs on its own thread."""
-        _, vp_index, target_vtl = struct.unpack("<QIB", self.mem.read(gpa, 13))
+        data = self.mem.read(gpa, START_CONTEXT + CONTEXT_CR4 + 8)
+        vp_index, target_vtl = field(data, HEADER_VP_INDEX, "<I"), data[HEADER_VTL]
         t = self.aps.get(vp_index)
         if t is None or target_vtl != 0:
             return hvtlfs.HV_STATUS_INVALID_PARAMETER
-        rip, rsp, rflags = struct.unpack("<QQQ", self.mem.read(gpa + 16, 24))
-        efer, cr0, cr3, cr4 = struct.unpack("<QQQQ", self.mem.read(gpa + 16 + 184, 32))
+        rip, rsp, rflags, efer, cr0, cr3, cr4 = (field(data, START_CONTEXT + offset) for offset in (
+            CONTEXT_RIP, CONTEXT_RSP, CONTEXT_RFLAGS, CONTEXT_EFER, CONTEXT_CR0, CONTEXT_CR3, CONTEXT_CR4))
         vcpu = t.vcpu
         sregs = vcpu.get_sregs()
         sregs.efer, sregs.cr0, sregs.cr3, sregs.cr4 = efer, cr0, cr3, cr4

@@ -20,6 +20,10 @@ BASE_CONFIGS = ("x86_64_defconfig", "kvm_guest.config")
 TOOLS = ("make", "gcc", "flex", "bison", "bc")
 HEADERS = ("/usr/include/gelf.h", "/usr/include/openssl/ssl.h")   # objtool's libelf, the cert tools' OpenSSL
 INSTALL_HINT = "install the kernel build tools (scripts/install.sh: flex bison bc libelf-dev libssl-dev make)"
+# The tree's Hyper-V TLFS headers (include/hyperv in later trees, the hyperv-tlfs.h pair before), kept beside the image
+# at their tree paths: tests/test_tlfs_headers.py checks the suite's TLFS readings against them.
+HYPERV_HEADERS = ("include/hyperv/*.h", "arch/x86/include/asm/hyperv-tlfs.h", "include/asm-generic/hyperv-tlfs.h")
+HYPERV_HEADERS_DIR = "hyperv-headers"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,20 @@ def check_tools(which: Callable[[str], str | None] = shutil.which,
         raise RunnerError(f"building a kernel needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
+def hyperv_headers(tree: Path) -> list[Path]:
+    """The Hyper-V headers a kernel tree (or a kept copy) has, relative to it."""
+    return sorted(path.relative_to(tree) for pattern in HYPERV_HEADERS for path in tree.glob(pattern))
+
+
+def keep_hyperv_headers(tree: Path, out: Path) -> None:
+    """Copy the tree's Hyper-V headers into out/hyperv-headers, which outlives the temporary directory of the tree."""
+    kept = out / HYPERV_HEADERS_DIR
+    shutil.rmtree(kept, ignore_errors=True)
+    for header in hyperv_headers(tree):
+        (kept / header).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tree / header, kept / header)
+
+
 def _run(cmd: list[str], cwd: Path, log: Path) -> None:
     """Run one build step with its output appended to log; a failure is one line naming the log."""
     with log.open("a") as out:
@@ -82,8 +100,8 @@ def unpack_source(deb: Path, work: Path) -> Path:
 
 
 def build(recipe: Recipe, deb: Path, work: Path, out: Path) -> Path:
-    """Configure and build the tree in deb (unpacked under work) into out/bzImage, with out/config and out/System.map
-    (which names a hang's RIP: qualify looks for it beside the image)."""
+    """Configure and build the tree in deb (unpacked under work) into out/bzImage, with out/config, out/System.map
+    (which names a hang's RIP: qualify looks for it beside the image) and out/hyperv-headers."""
     check_tools()
     log = out / "build.log"
     log.write_text("")
@@ -101,5 +119,6 @@ def build(recipe: Recipe, deb: Path, work: Path, out: Path) -> Path:
     _run(["make", f"-j{(os.cpu_count() or 1) + 1}", "bzImage"], tree, log)
     shutil.copyfile(tree / "arch" / "x86" / "boot" / "bzImage", out / "bzImage")
     shutil.copyfile(tree / "System.map", out / "System.map")
+    keep_hyperv_headers(tree, out)
     (out / "config").write_text(config)
     return out / "bzImage"

@@ -1,4 +1,11 @@
-"""pytest plugin: catalog markers, skips from missing preconditions, kernel health, gating, summary."""
+"""pytest plugin: catalog markers, skips from missing preconditions, kernel health, gating, summary.
+
+Attribution: a row that relies on another feature group's behaviour (Series.precondition, or a check that names the
+group providing what it checks: memfault.FieldMismatch and its kin) and does not get it is that group's error. In the
+JSON the test's outcome is "error", its "precondition" is the providing group, and its "groups" are the providing
+group followed by the row's own groups (core for a row without one): the summary counts the error under the providing
+group, where the bug is, and as an error, never a failure, under each of the row's own groups, which got no verdict.
+A check that names the row's own group fails the row, counted under that group alone."""
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +42,7 @@ class BlockedByCrash(pytest.skip.Exception):
 
 
 class PreconditionFailed(Exception):
-    """A set-up step relied on another feature group's behaviour and did not get it."""
+    """A set-up step relied on a feature group's behaviour and did not get it: an error of that group and the row's."""
 
     def __init__(self, group: str, what: str, detail: str):
         super().__init__(f"precondition from {group} failed: {what}: {detail}")
@@ -250,22 +257,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
         rep.user_properties = [p for p in rep.user_properties if p[0] != "groups"] + [("groups", [failed.group])]
         if isinstance(rep.longrepr, tuple):    # worded as a skip's, not as the exception class's
             rep.longrepr = (*rep.longrepr[:2], f"Skipped: {failed.msg}")
-    if isinstance(failed, memfault.FieldMismatch) and failed.group not in dict(rep.user_properties).get("groups", []):
-        failed = PreconditionFailed(failed.group, "memory-fault exit field", str(failed))
+    own = _own_groups(rep)
+    if isinstance(failed, memfault.FieldMismatch) and failed.group not in own:
+        failed = PreconditionFailed(failed.group, failed.what, str(failed))
     if isinstance(failed, (PreconditionFailed, memfault.FieldMismatch)):
         rep.outcome = "failed"      # also inside an expected failure: not the ⚠ itself
         if hasattr(rep, "wasxfail"):
             del rep.wasxfail
-        blame = [("groups", [failed.group]), ("blame", failed.group)]
         if isinstance(failed, PreconditionFailed):
             rep.longrepr = str(failed)
-            blame.append(("precondition", failed.group))
+            blame = [("groups", [failed.group, *(g for g in own if g != failed.group)]), ("blame", failed.group),
+                     ("precondition", failed.group)]
+        else:
+            blame = [("groups", [failed.group]), ("blame", failed.group)]
         rep.user_properties = [p for p in rep.user_properties if p[0] != "groups"] + blame
     return rep
 
 
+def _own_groups(rep: pytest.TestReport) -> list[str]:
+    """The groups a row counts under by its markers: core for a row without one, as the summary counts it."""
+    return dict(rep.user_properties).get("groups") or [results.CORE]
+
+
 def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
-    """A failed precondition is an error (of the group that provides it), not a failure of the row."""
+    """A failed precondition is an error (of the group that provides it, and of the row's), not a failure of the row."""
     if report.failed and dict(report.user_properties).get("precondition"):
         return "error", "E", "ERROR"
     return None
@@ -284,6 +299,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         entry["groups"] = props["groups"]
     if report.failed and props.get("precondition"):
         new = "error"
+        entry["precondition"] = props["precondition"]
     elif report.skipped and _message(report).startswith(BLOCKED):
         new = "blocked"
         entry["groups"] = props["groups"]       # the crashed group's alone (BlockedByCrash)
@@ -387,8 +403,9 @@ class Series:
 
     @contextlib.contextmanager
     def precondition(self, group: str, what: str) -> Iterator[None]:
-        """Set-up that relies on `group`'s behaviour: an assertion failing inside is an error counted
-        under `group` and naming `what`, so the dependent row's own group is not blamed for it."""
+        """Set-up that relies on `group`'s behaviour: an assertion failing inside is `group`'s error naming `what`
+        (in the row's own groups an error too, never a failure), so the row's group is not blamed for a bug of
+        another (see the module docstring)."""
         if group not in features.GROUPS and group != results.CORE:
             raise ValueError(f"precondition of unknown group {group!r}")
         try:

@@ -224,7 +224,8 @@ def kcidb(doc: dict) -> dict:
             "comment": ("known deviation (catalog warning item): " if known else "") + t["message"][:1000],
             "environment": {"comment": ", ".join(f"{k}: {v}" for k, v in doc["host"].items())},
             "misc": {"nodeid": t["nodeid"], "catalog": t["catalog"], "groups": t["groups"],
-                     "known_deviation": known, **{k: t[k] for k in ("crash", "blocked_by") if k in t}},
+                     "known_deviation": known,
+                     **{k: t[k] for k in ("crash", "blocked_by", "precondition") if k in t}},
             **kcidb_crash(t),
         })
     return {
