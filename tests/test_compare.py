@@ -297,7 +297,7 @@ def test_report_command_with_several_files_prints_the_matrix(tmp_path):
 
 @pytest.mark.parametrize("cmdline,expected", [
     ("console=ttyS0 panic=-1 kvmtests.accel=tcg kvm.tdp_mmu=N mitigations=off", "kvm.tdp_mmu=N mitigations=off"),
-    ("console=ttyS0 panic=-1 kvmtests.accel=tcg", "default"),
+    ("console=ttyS0 printk.time=1 panic=-1 kvmtests.accel=tcg kvmtests.crash_at=t.py::x", "default"),
     ("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro kvm_amd.npt=0 kvm.tdp_mmu=N kvmfoo=1 -- kvm.x=1", "kvm_amd.npt=0 kvm.tdp_mmu=N"),
     ("root=/dev/sda1 quiet", "default"),
 ])

@@ -66,7 +66,8 @@ def qemu_accel(cmdline: str | None = None) -> str | None:
 
 
 # What a runner boots every kernel with (Bochs also: a TSC at the emulated rate, no crypto self-tests).
-RUNNER_WORDS = ("console=", "panic=", "kvmtests.", "BOOT_IMAGE=", "initrd=", "tsc_early_khz=", "cryptomgr.notests=")
+RUNNER_WORDS = ("console=", "printk.time=", "panic=", "kvmtests.", "BOOT_IMAGE=", "initrd=", "tsc_early_khz=",
+                "cryptomgr.notests=")
 
 
 def command_line(cmdline: str | None = None) -> str:
