@@ -5,7 +5,7 @@ from typing import NoReturn
 import pytest
 
 from kvmtests import uapi
-from kvmtests.machine import hyperv, memfault
+from kvmtests.machine import host, hyperv, memfault
 from kvmtests.machine.kvm import Exit, Kvm, Vm
 from kvmtests.verdict import features
 
@@ -26,7 +26,7 @@ def fault_rule_for(series: object) -> memfault.FaultRule:
     """What insn_len every memory-fault exit must carry: P11 as detected, the CPU's reporting, the paging mode."""
     state = series.detection("fault_insn_len").state
     return memfault.FaultRule(None if state == features.UNKNOWN else state == features.PRESENT,
-                              memfault.intel_ept(), memfault.tdp() is False)
+                              host.intel_ept(), host.tdp_on() is False)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 from kvmtests import uapi
-from kvmtests.machine import memfault
+from kvmtests.machine import host, memfault
 from kvmtests.machine.kvm import Kvm
 from kvmtests.machine.memfault import EXEC, KINDS, PAGE, READ, WRITE, attr_names
 
@@ -104,7 +104,7 @@ class AttributeMachine(RuleBasedStateMachine):
 
     def set_range(self, start: int, end: int, value: int) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES on pages [start, end), then every access at both ends, inside and just outside."""
-        ret, err = self.vm.set_memory_attributes(start * PAGE, (end - start) * PAGE, value)
+        ret, err = self.vm.set_memory_attributes_raw(start * PAGE, (end - start) * PAGE, value)
         want = 0 if value in self.expect.valid else errno.EINVAL
         row = "16-19" if want == 0 else "20-25"
         assert (0 if ret == 0 else err) == want, (
@@ -183,7 +183,7 @@ def test_attribute_state_machine(kvm, series, fault_rule, kind):
         memfault.require_ioctl(vm)
     patched = series.patched("rwx_attributes")
     if patched:
-        memfault.require_tdp()
+        host.require_tdp()
     faults = patched or kind == "sw_protected"
     flags = series.patched("fault_rwx_flags") if faults else False
     rule = fault_rule if faults else memfault.FaultRule()
@@ -200,7 +200,7 @@ class FakeVm:
     def __init__(self, lose_last: bool):
         self.lose_last, self.attrs, self.mem = lose_last, {}, {}
 
-    def set_memory_attributes(self, gpa: int, size: int, value: int) -> tuple[int, int]:
+    def set_memory_attributes_raw(self, gpa: int, size: int, value: int) -> tuple[int, int]:
         if value not in memfault.VALID_PATCHED:
             return -1, errno.EINVAL
         for page in range(gpa // PAGE, (gpa + size) // PAGE - self.lose_last):
@@ -217,19 +217,19 @@ class FakeProber:
     def place_ret(self, gpa: int) -> int:
         return gpa + memfault.EXEC_OFFSET
 
-    def access(self, kind: str, gpa: int, value: int = 0) -> memfault.Outcome:
+    def access(self, kind: str, gpa: int, value: int = 0) -> memfault.FaultOutcome:
         page, length, insn = gpa // PAGE, None if kind == EXEC else 3, gpa if kind == EXEC else 0x100000
         before = self.vm.mem.get(page, 0).to_bytes(memfault.ACCESS_BYTES, "little")
         written = value if kind == WRITE else None
         if self.vm.attrs.get(page, 0) & memfault.DENIED_BY[kind]:
             fault = memfault.Fault(memfault.FLAG_OF[kind], page * PAGE, PAGE, 0)
-            return memfault.Outcome(kind, gpa, False, None, fault, insn, "memory fault", insn, (before, before),
-                                    written, length, self.rule)
+            return memfault.FaultOutcome(kind, gpa, False, None, fault, insn, "memory fault", insn, (before, before),
+                                         written, length, self.rule)
         if kind == WRITE:
             self.vm.mem[page] = value
         after = self.vm.mem.get(page, 0)
-        return memfault.Outcome(kind, gpa, True, after, None, insn + 3, "done", insn,
-                                (before, after.to_bytes(memfault.ACCESS_BYTES, "little")), written, length, self.rule)
+        return memfault.FaultOutcome(kind, gpa, True, after, None, insn + 3, "done", insn,
+                                     (before, after.to_bytes(memfault.ACCESS_BYTES, "little")), written, length, self.rule)
 
 
 def fake_machine(lose_last: bool) -> type:

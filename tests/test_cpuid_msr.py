@@ -17,8 +17,8 @@ UNKNOWN_MSR = 0xC0011FF7
 @pytest.mark.parametrize("leaf", HV_RANGE_LEAVES, ids=lambda e: hex(e["function"]))
 def test_hypervisor_cpuid_leaf_round_trips_into_the_guest(vm, leaf):
     base = [e for e in vm.kvm.supported_cpuid() if not 0x40000000 <= e["function"] <= 0x400000FF]
-    m = guest.build(vm, guest.load_payload("basic"), entry="cpuid_leaf", cpuid=base + HV_RANGE_LEAVES)
-    m.mem.write_u64(guest.UCALL_GPA + 32, leaf["function"])
+    m = guest.build_machine(vm, guest.load_payload("basic"), entry="cpuid_leaf", cpuid=base + HV_RANGE_LEAVES)
+    m.mem.write_u64(guest.UCALL_ARGS[3], leaf["function"])
     seen = [m.run_until(guest.UCALL_SYNC).args[1] for _ in range(4)]
     want = [leaf[r] for r in ("eax", "ebx", "ecx", "edx")]
     assert seen == want, f"CPUID {leaf['function']:#x}: guest saw {[hex(v) for v in seen]}, set {[hex(v) for v in want]}"
@@ -29,8 +29,8 @@ def test_hypervisor_cpuid_leaf_round_trips_into_the_guest(vm, leaf):
 def _msr_machine(vm, msr: int) -> guest.Machine:
     if not vm.kvm.check_extension(uapi.KVM_CAP_X86_USER_SPACE_MSR):
         pytest.skip("kernel lacks KVM_CAP_X86_USER_SPACE_MSR")
-    m = guest.build(vm, guest.load_payload("basic"), entry="msr_access")
-    m.mem.write_u64(guest.UCALL_GPA + 32, msr)
+    m = guest.build_machine(vm, guest.load_payload("basic"), entry="msr_access")
+    m.mem.write_u64(guest.UCALL_ARGS[3], msr)
     return m
 
 
@@ -44,9 +44,8 @@ def _expect_msr_exit(m: guest.Machine, reason: int, kind: int, msr: int) -> obje
 
 def test_filtered_msr_exits_and_userspace_completes_it(vm):
     """KVM_MSR_EXIT_REASON_FILTER: a deny-by-default filter sends rdmsr/wrmsr of the TSC to userspace."""
-    assert vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_FILTER) == (0, 0)
-    ret, err = vm.set_msr_filter(0, [(uapi.KVM_MSR_FILTER_READ | uapi.KVM_MSR_FILTER_WRITE, TSC_MSR, 1, b"\0")])
-    assert ret == 0, f"KVM_X86_SET_MSR_FILTER: {uapi.errno_name(err)}"
+    vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_FILTER)
+    vm.set_msr_filter(0, [(uapi.KVM_MSR_FILTER_READ | uapi.KVM_MSR_FILTER_WRITE, TSC_MSR, 1, b"\0")])
     m = _msr_machine(vm, TSC_MSR)
     _expect_msr_exit(m, uapi.KVM_EXIT_X86_RDMSR, uapi.KVM_MSR_EXIT_REASON_FILTER, TSC_MSR).data = 0x1122334455667788
     assert m.run_until(guest.UCALL_SYNC).args[1] == 0x1122334455667788, "guest must read the value userspace gave"
@@ -60,7 +59,7 @@ def test_unknown_msr_error_from_userspace_injects_gp(vm):
     """KVM_MSR_EXIT_REASON_UNKNOWN: userspace answers error=1 and the guest takes #GP at the rdmsr."""
     if open("/sys/module/kvm/parameters/ignore_msrs").read().strip() == "Y":
         pytest.skip("kvm.ignore_msrs=Y: unknown MSRs are ignored in the kernel and never exit")
-    assert vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_UNKNOWN) == (0, 0)
+    vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_UNKNOWN)
     m = _msr_machine(vm, UNKNOWN_MSR)
     _expect_msr_exit(m, uapi.KVM_EXIT_X86_RDMSR, uapi.KVM_MSR_EXIT_REASON_UNKNOWN, UNKNOWN_MSR).error = 1
     uc = m.run_until(guest.UCALL_EXCEPTION)

@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import pytest
 
 from kvmtests import hvtlfs, uapi
-from kvmtests.machine import guest, hyperv, memfault
+from kvmtests.machine import guest, host, hyperv
 from kvmtests.verdict import features, report
 from kvmtests.verdict.features import Detection
 
@@ -58,13 +58,13 @@ def fallback_probe(monkeypatch, nw_write: object) -> features.FaultSeen:
             return 1 << uapi.KVM_X86_SW_PROTECTED_VM
 
         def create_vm(self, vm_type=0):
-            return nullcontext(type("FakeVm", (), {"set_memory_attributes": lambda *a: (0, 0)})())
+            return nullcontext(type("FakeVm", (), {"set_memory_attributes_raw": lambda *a: (0, 0)})())
 
     seen = {features.NW_WRITE.what: nw_write,
             features.PRIVATE_READ.what: features.FaultSeen(PRIVATE | READ, 0, features.PRIVATE_READ.what)}
     monkeypatch.setattr(features, "Kvm", FakeKvm)
     monkeypatch.setattr(features, "_attributes", lambda kvm: Detection("rwx_attributes", features.PRESENT, "NW: 0"))
-    monkeypatch.setattr(guest, "build", lambda vm, payload, entry: None)
+    monkeypatch.setattr(guest, "build_machine", lambda vm, payload, entry: None)
     monkeypatch.setattr(guest, "load_payload", lambda name: None)
     monkeypatch.setattr(features, "_fault_exit", lambda m, way: seen[way.what])
     probe = features._fault_probe.__wrapped__()
@@ -98,7 +98,7 @@ def test_no_fallback_without_a_failed_probe(monkeypatch):
                          ids=["ret-0", "eintr"])
 def test_fault_probe_exit_needs_minus_one_efault(monkeypatch, crafted_vcpu, ret, err, shown):
     """Exit 39 with another return is no memory-fault exit (35): the finding shows what KVM_RUN gave and the triple."""
-    monkeypatch.setattr(memfault, "intel_ept", lambda: False)
+    monkeypatch.setattr(host, "intel_ept", lambda: False)
     fields = {"flags": WRITE, "gpa": guest.DATA_GPA, "size": 0x1000, "insn_len": 0}
 
     def exit_of(ret: int, err: int, reason: int) -> features.FaultSeen | str:
@@ -112,15 +112,15 @@ def test_fault_probe_exit_needs_minus_one_efault(monkeypatch, crafted_vcpu, ret,
         "-1/EFAULT, exit 39); expected KVM_RUN -1/EFAULT with exit 39",)
 
 
-EXIT = hyperv.Outcome(exited=True, input=hvtlfs.HVCALL_VTL_CALL, params=(0, 0))
+EXIT = hyperv.HcallOutcome(exited=True, input=hvtlfs.HVCALL_VTL_CALL, params=(0, 0))
 
 
 @pytest.mark.parametrize("out,finding", [
     (EXIT, None),
-    (hyperv.Outcome(completed=True, rax=hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE), None),
-    (hyperv.Outcome(exited=True, input=0x12, params=(0, 0)), "input 0x12"),
-    (hyperv.Outcome(completed=True, rax=hyperv.RAX_SENTINEL), "RAX unchanged"),
-    (hyperv.Outcome(completed=True, rax=0), "RAX 0x0 (SUCCESS)"),
+    (hyperv.HcallOutcome(completed=True, rax=hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE), None),
+    (hyperv.HcallOutcome(exited=True, input=0x12, params=(0, 0)), "input 0x12"),
+    (hyperv.HcallOutcome(completed=True, rax=hyperv.RAX_SENTINEL), "RAX unchanged"),
+    (hyperv.HcallOutcome(completed=True, rax=0), "RAX 0x0 (SUCCESS)"),
 ])
 def test_hypercall_probe_deviation_is_a_finding(out, finding):
     found = features.hcall_deviations("vsm_hcalls", "80, 81", "slow VtlCall (0x11)", out, hvtlfs.HVCALL_VTL_CALL,
@@ -134,7 +134,7 @@ def test_hypercall_probe_deviation_is_a_finding(out, finding):
 
 def test_ipi_ignoring_use_target_vtl_is_a_finding():
     """The IPI delivered in the kernel (RAX 0) is neither the series' exit nor upstream's status 3 (catalog 111)."""
-    found = features.hcall_deviations("vtl_ipi", "111", "fast 0x0b", hyperv.Outcome(completed=True, rax=0),
+    found = features.hcall_deviations("vtl_ipi", "111", "fast 0x0b", hyperv.HcallOutcome(completed=True, rax=0),
                                       0x1000B, (0x30 | 1 << 36, 1), hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT)
     assert found and "catalog 111" in found[0] and "RAX 0x0 (SUCCESS)" in found[0]
 

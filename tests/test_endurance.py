@@ -24,7 +24,7 @@ def rss_kb() -> int:
 
 def one_cycle(payload) -> None:
     with Kvm() as kvm, kvm.create_vm() as vm:
-        m = guest.build(vm, payload, entry="pio")
+        m = guest.build_machine(vm, payload, entry="pio")
         m.vcpu.run()
 
 

@@ -5,15 +5,13 @@ from kvmtests import uapi
 from kvmtests.machine import guest
 from kvmtests.uapi import ffi
 
-PIO_PORT = 0x3F8
-MMIO_GPA = 0xC0000000
-RO_GPA = 0x800000
+PIO_PORT, MMIO_GPA, RO_GPA = guest.PIO_PORT, guest.MMIO_GPA, guest.RO_GPA   # basic*.S get them as --defsym
 
 
 @pytest.fixture
 def basic(vm):
     def at(entry: str, **kw) -> guest.Machine:
-        return guest.build(vm, guest.load_payload("basic"), entry=entry, **kw)
+        return guest.build_machine(vm, guest.load_payload("basic"), entry=entry, **kw)
     return at
 
 
@@ -92,7 +90,7 @@ def test_ud_is_reported_by_the_guest_handler(basic, entry, cpl):
 
 def test_32bit_protected_mode_guest_runs(vm):
     """The 32-bit builder: flat segments, CPL0, stack at STACK_TOP, port I/O and ucalls work."""
-    m = guest.build(vm, guest.load_payload("basic32", bits=32), bits=32)
+    m = guest.build_machine(vm, guest.load_payload("basic32", bits=32), bits=32)
     io = expect_exit(m, uapi.KVM_EXIT_IO).x.io
     assert (io.direction, io.port, io.size) == (uapi.KVM_EXIT_IO_OUT, PIO_PORT, 4)
     assert int.from_bytes(io_data(m)[:], "little") == 0xA1B2C3D4
@@ -103,7 +101,7 @@ def test_32bit_protected_mode_guest_runs(vm):
 
 
 def test_32bit_ud_is_reported_by_the_guest_handler(vm):
-    m = guest.build(vm, guest.load_payload("basic32", bits=32), entry="ud", bits=32)
+    m = guest.build_machine(vm, guest.load_payload("basic32", bits=32), entry="ud", bits=32)
     uc = m.run_until(guest.UCALL_EXCEPTION)
     assert uc.args[0] == guest.UD_VECTOR and uc.args[2] == m.sym("ud"), str(uc)
     m.set_resume(m.sym("ud_resume"))

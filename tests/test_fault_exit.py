@@ -47,7 +47,7 @@ def restrict(series, vm, page: int, value: int, row: int | str) -> None:
         memfault.set_attrs(vm, page, PAGE, value, row)
 
 
-def expect_denied(series, out: memfault.Outcome, value: int, what: str) -> None:
+def expect_denied(series, out: memfault.FaultOutcome, value: int, what: str) -> None:
     """The memory-fault exit a row of P09 or P10/P11 relies on: none at all is the restriction's provider's error."""
     with series.precondition(provider(value), f"{what} makes a memory-fault exit"):
         assert out.fault is not None, str(out)
@@ -57,7 +57,7 @@ def expect_denied(series, out: memfault.Outcome, value: int, what: str) -> None:
 def prober(vm, series, fault_rule):
     """Section C preconditions: the series' attributes and TDP; a guest ready to access PAGE_A/PAGE_B."""
     series.require("rwx_attributes")
-    memfault.require_tdp()
+    host.require_tdp()
     p = memfault.build_prober(vm, rule=fault_rule)
     for page in (PAGE_A, PAGE_B):
         vm.write(page + OFF, PATTERN.to_bytes(8, "little"))
@@ -67,7 +67,7 @@ def prober(vm, series, fault_rule):
 
 def expect_legacy_mmu_deviation(request: pytest.FixtureRequest, row: int) -> None:
     """Rows 51, 54, 55, 58 with TDP on the legacy MMU: a known v1 deviation (strict), nowhere else."""
-    if memfault.tdp() and host.tdp_mmu() is False:
+    if host.tdp_on() and host.tdp_mmu() is False:
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
                                               reason=DEVIATION_LEGACY_MMU.format(row=row)))
 
@@ -159,7 +159,7 @@ def test_nx_page_first_mapped_by_a_read_stays_non_executable(prober, series):
 def test_write_after_read_of_never_populated_nw_page(vm, series, fault_rule):
     """49a: the host never touched the page, so the read maps the zero page read-only."""
     series.require("rwx_attributes")
-    memfault.require_tdp()
+    host.require_tdp()
     p = memfault.build_prober(vm, rule=fault_rule)
     untouched = guest.DATA_GPA + 0x40000
     memfault.set_attrs(vm, untouched, PAGE, NW, 49)
@@ -245,9 +245,9 @@ def test_page_walk_through_no_access_page_table(prober, series, request):
     an EPT write (Intel SDM), and AMD NPT reports guest page-table accesses as user writes (NPF error
     code W|U|guest-page-table, as kvm-unit-tests svm_npt npt_rw_pfwalk expects on hardware; KVM's own
     nested walker does the same): there the exit says WRITE."""
-    if memfault.intel_ept():
-        kind = WRITE if memfault.intel_ept_ad() else READ
-    elif memfault.amd_npt():
+    if host.intel_ept():
+        kind = WRITE if host.intel_ept_ad() else READ
+    elif host.amd_npt():
         kind = WRITE
     else:
         pytest.skip(f"needs Intel EPT or AMD NPT to know how the walk's access is reported (vendor module "
@@ -291,7 +291,7 @@ def test_faulting_restricted_pages_leaves_the_kernel_healthy(prober):
 @pytest.mark.catalog(58)
 def test_fault_on_one_vcpu_leaves_another_alone(vm, series, request, fault_rule):
     series.require("rwx_attributes")
-    memfault.require_tdp()
+    host.require_tdp()
     expect_legacy_mmu_deviation(request, 58)
     p = memfault.build_prober(vm, vcpus=2, rule=fault_rule)
     vcpu0, vcpu1 = p.m.vcpus
@@ -320,7 +320,7 @@ def test_private_page_access_flags(kvm, series, fault_rule, kind, row):
 # --- section D: instruction length -------------------------------------------------------------------
 
 INSN_PAGE = guest.DATA_GPA
-INSN_TARGET = INSN_PAGE + 0x200        # where every row of insn_len.S reads or writes (its TARGET)
+INSN_TARGET = guest.INSN_TARGET       # where every row of insn_len.S reads or writes (in INSN_PAGE)
 
 
 def insn_rows() -> list:
@@ -331,9 +331,9 @@ def insn_rows() -> list:
             for k in "rw" for n in range(1, 16)]
 
 
-def insn_access(vm, name: str, kind: str, rule: memfault.FaultRule) -> memfault.Outcome:
+def insn_access(vm, name: str, kind: str, rule: memfault.FaultRule) -> memfault.FaultOutcome:
     """One run of insn_len.S's row `name` (its instruction between `name`_insn and `name`_end) on INSN_TARGET."""
-    m = guest.build(vm, guest.load_payload("insn_len"), entry=name)
+    m = guest.build_machine(vm, guest.load_payload("insn_len"), entry=name)
     return memfault.run_access(m, kind, INSN_TARGET, f"{name}_insn", f"{name}_end", 1, rule)
 
 
@@ -356,7 +356,7 @@ def require_insn_len(series) -> None:
 @pytest.mark.parametrize("name", insn_rows())
 def test_insn_len_is_the_instruction_length(vm, series, fault_rule, name):
     require_insn_len(series)
-    if not memfault.intel_ept():
+    if not host.intel_ept():
         pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
     length, fault = insn_fault(vm, name, series, fault_rule, "63/64")
     assert length == int(name[1:]), f"payload bug: {name} is {length} bytes"
@@ -367,7 +367,7 @@ def test_insn_len_is_the_instruction_length(vm, series, fault_rule, name):
 def test_insn_len_never_exceeds_15(vm, series, kvm, fault_rule):
     """67/69 on every host with P11; 68 (AMD decode-assist byte count) is the same bound."""
     require_insn_len(series)
-    memfault.require_tdp()
+    host.require_tdp()
     seen = []
     for name in ("r1", "r7", "r15", "w1", "w9", "w15"):
         with kvm.create_vm() as own:
@@ -385,7 +385,7 @@ def test_insn_len_never_exceeds_15(vm, series, kvm, fault_rule):
 @pytest.mark.catalog(70)
 def test_shadow_paging_reports_no_insn_len(vm, series, fault_rule):
     require_insn_len(series)
-    if memfault.tdp() is not False:
+    if host.tdp_on() is not False:
         pytest.skip("needs TDP disabled (kvm_intel.ept=0 or kvm_amd.npt=0): the row is about the shadow #PF path")
     p = memfault.build_prober(vm, rule=fault_rule)
     p.place_ret(PAGE_A)
@@ -401,7 +401,7 @@ def test_shadow_paging_reports_no_insn_len(vm, series, fault_rule):
 def test_private_mismatch_exit_carries_insn_len(kvm, series):
     """Patched: the private-mismatch read exit carries the reading instruction's length; upstream (U:)
     leaves kvm_run byte 56 untouched, so the sentinel run_for_fault writes there survives."""
-    if not memfault.intel_ept():
+    if not host.intel_ept():
         pytest.skip("needs Intel VMX with EPT: only VM_EXIT_INSTRUCTION_LEN gives the length (P10)")
     rule = memfault.FaultRule(series.patched("fault_insn_len"), exact=True)
     with kvm.create_vm(memfault.sw_protected_vm_type(kvm)) as vm:
@@ -426,7 +426,7 @@ def test_insn_len_byte_overwrites_sentinel(kvm, series, source):
         vm_type, name, kind, value = memfault.sw_protected_vm_type(kvm), "r3", READ, PRIVATE
     with kvm.create_vm(vm_type) as vm:
         restrict(series, vm, INSN_PAGE, value, 66)
-        rule = memfault.FaultRule(series.patched("fault_insn_len"), memfault.intel_ept(), memfault.tdp() is False)
+        rule = memfault.FaultRule(series.patched("fault_insn_len"), host.intel_ept(), host.tdp_on() is False)
         out = insn_access(vm, name, kind, rule)
         expect_denied(series, out, value, "catalog 35: a write to an NW page" if source == "nw-write" else
                       "a read of a PRIVATE page without guest_memfd")
@@ -508,7 +508,7 @@ def test_insn_len_capability_unnamed_on_a_pre_fault_kernel_skips_with_the_option
                          ids=["tdp-legacy-mmu", "tdp-mmu", "shadow-paging", "no-tdp_mmu-parameter", "tdp-unknown"])
 def test_legacy_mmu_rows_are_known_deviations_only_there(monkeypatch, marker_recorder, tdp, mmu, deviation):
     """Rows 51/54/55/58 turn into strict expected failures with TDP on the legacy MMU, and only there."""
-    monkeypatch.setattr(memfault, "tdp", lambda: tdp)
+    monkeypatch.setattr(host, "tdp_on", lambda: tdp)
     monkeypatch.setattr(host, "tdp_mmu", lambda: mmu)
     request = marker_recorder
     expect_legacy_mmu_deviation(request, 54)

@@ -7,7 +7,7 @@ import pytest
 
 from kvmtests import uapi
 from kvmtests.machine import asm, guest, hyperv, memfault
-from kvmtests.machine.memfault import EXEC, PAGE, READ, WRITE, Fault, FaultRule, Outcome
+from kvmtests.machine.memfault import EXEC, PAGE, READ, WRITE, Fault, FaultRule, FaultOutcome
 
 pytestmark = pytest.mark.selftest
 PAGE_A = 0x210000
@@ -17,11 +17,11 @@ W, PRIVATE = uapi.KVM_MEMORY_EXIT_FLAG_WRITE, uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE
 INTEL, AMD, UPSTREAM = FaultRule(True, exact=True), FaultRule(True), FaultRule(False)
 
 
-def outcome(fault: Fault, kind: str = WRITE, rule: FaultRule = AMD, gpa: int = PAGE_A + 0x120, **wrong) -> Outcome:
+def outcome(fault: Fault, kind: str = WRITE, rule: FaultRule = AMD, gpa: int = PAGE_A + 0x120, **wrong) -> FaultOutcome:
     """A denied access as the spec has it (RIP on the instruction, memory untouched) but for `wrong`."""
     at = gpa if kind == EXEC else INSN
-    out = Outcome(kind, gpa, False, None, fault, at, "memory fault", at, (HELD, HELD), None,
-                  None if kind == EXEC else 3, rule)
+    out = FaultOutcome(kind, gpa, False, None, fault, at, "memory fault", at, (HELD, HELD), None,
+                       None if kind == EXEC else 3, rule)
     return dataclasses.replace(out, **wrong)
 
 
@@ -103,10 +103,10 @@ def test_page_walk_exit_is_bounded_not_exact():
     assert memfault.expect_fault(outcome(walk, READ, INTEL), WRITE, 0x8000, 55) == walk
 
 
-def done(kind: str, value: int | None = None, after: bytes = HELD, written: int | None = None) -> Outcome:
+def done(kind: str, value: int | None = None, after: bytes = HELD, written: int | None = None) -> FaultOutcome:
     """A completed access of `kind` that found HELD at its address and left `after`."""
-    return Outcome(kind, PAGE_A + 0x120, True, value, None, INSN + 3, "ucall SYNC", INSN, (HELD, after), written, 3,
-                   AMD)
+    return FaultOutcome(kind, PAGE_A + 0x120, True, value, None, INSN + 3, "ucall SYNC", INSN, (HELD, after), written, 3,
+                        AMD)
 
 
 def test_a_right_completion_passes():

@@ -21,7 +21,7 @@ OLD_BITS = [("ebx", hvtlfs.HV_POST_MESSAGES, "HV_POST_MESSAGES"), ("ebx", hvtlfs
 
 def vcpu_leaves(vm) -> list[dict]:
     hyperv.require_hyperv(vm.kvm)
-    entries, err = vm.create_vcpu(0).supported_hv_cpuid()
+    entries, err = vm.create_vcpu(0).supported_hv_cpuid_raw()
     if err:
         raise Unavailable(f"KVM_GET_SUPPORTED_HV_CPUID on a vCPU failed ({uapi.errno_name(err)}): "
                           "kernel lacks KVM_CAP_HYPERV_CPUID")
@@ -32,7 +32,7 @@ def system_leaves(kvm) -> list[dict]:
     hyperv.require_hyperv(kvm)
     if not kvm.check_extension(uapi.KVM_CAP_SYS_HYPERV_CPUID):
         raise Unavailable("kernel lacks KVM_CAP_SYS_HYPERV_CPUID (/dev/kvm KVM_GET_SUPPORTED_HV_CPUID)")
-    entries, err = kvm.supported_hv_cpuid()
+    entries, err = kvm.supported_hv_cpuid_raw()
     assert not err, f"KVM_GET_SUPPORTED_HV_CPUID on /dev/kvm: {uapi.errno_name(err)} despite the capability"
     return entries
 
@@ -89,7 +89,7 @@ def test_extended_hypercalls_bit_matches_behaviour(kvm, vm, variant):
     entries = vcpu_leaves(vm) if variant == "vcpu" else system_leaves(kvm)
     advertised = bool(features_leaf(entries)["ebx"] & hvtlfs.HV_ENABLE_EXTENDED_HYPERCALLS)
     with kvm.create_vm() as probe_vm:
-        out = hyperv.hypercall(hyperv.build(probe_vm), hvtlfs.HV_EXT_CALL_QUERY_CAPABILITIES, 0x1000, 0x2000)
+        out = hyperv.hypercall(hyperv.build_hv_machine(probe_vm), hvtlfs.HV_EXT_CALL_QUERY_CAPABILITIES, 0x1000, 0x2000)
     assert out.exited or out.completed, f"catalog 14: slow HvExtCallQueryCapabilities (0x8001): {out}"
     if out.completed:
         assert out.rax == hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE, (
@@ -110,7 +110,7 @@ EXIT_CODES = [(code, code in hvtlfs.XMM_FAST_CODES) for code in hvtlfs.EXITING_C
 def test_new_exits_use_the_hcall_type(vm, series, code, fast):
     """The series adds no exit type: its exits are KVM_EXIT_HYPERV with type KVM_EXIT_HYPERV_HCALL (2)."""
     series.require(hyperv.code_group(code))
-    hvm = hyperv.build(vm)
+    hvm = hyperv.build_hv_machine(vm)
     hyperv.hypercall(hvm, hvtlfs.control(code, fast=fast), 0x1000, 0x2000)
     run = hvm.vcpu.run_struct
     observed = (hvm.vcpu.last_exit.ret, run.exit_reason, run.x.hyperv.type if run.exit_reason == uapi.KVM_EXIT_HYPERV

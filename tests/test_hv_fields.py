@@ -6,7 +6,7 @@ from kvmtests import hvtlfs, uapi
 from kvmtests.hvtlfs import status_name
 from kvmtests.machine import hvexits, hyperv
 from kvmtests.machine.hvexits import SENTINEL32, SENTINEL64, Wakeup, xmm_hex
-from kvmtests.machine.hyperv import MXCSR_SEED, RAX_SENTINEL, XMM_SEED, XMM_SENTINEL, Call, Outcome
+from kvmtests.machine.hyperv import MXCSR_SEED, RAX_SENTINEL, XMM_SEED, XMM_SENTINEL, Call, HcallOutcome
 from kvmtests.machine.kvm import Exit
 from kvmtests.verdict import features
 
@@ -30,21 +30,21 @@ def call(control: int = FAST_GET, bits: int = 64) -> Call:
     return Call(control, RDX, R8, list(XMM_IN), INSN, regs, bits)
 
 
-def exited(c: Call, **wrong: object) -> Outcome:
+def exited(c: Call, **wrong: object) -> HcallOutcome:
     """A right exit for `c` (P01 captured XMM0-5 where it must), with `wrong` fields replaced."""
     xmm = list(c.xmm) if c.fast else [XMM_SENTINEL] * 6
-    return Outcome(**{"call": c, "exited": True, "input": c.control, "params": (c.rdx, c.r8), "xmm": xmm, **wrong})
+    return HcallOutcome(**{"call": c, "exited": True, "input": c.control, "params": (c.rdx, c.r8), "xmm": xmm, **wrong})
 
 
-def resumed(c: Call, status: int, xmm: list | None = None, **wrong: object) -> Outcome:
+def resumed(c: Call, status: int, xmm: list | None = None, **wrong: object) -> HcallOutcome:
     """A right answer to `c` with `status`, as KVM's registers (after a userspace completion) and the guest saw it."""
     if c.bits == 32:
         written = {"rax": status & 0xFFFFFFFF, "rdx": status >> 32}
-        return Outcome(**{"call": c, "completed": True, **written, "completion": {**c.regs, "rip": INSN + 3, **written},
-                          **wrong})
-    return Outcome(**{"call": c, "completed": True, "rax": status, "rcx": c.control, "rdx": c.rdx, "r8": c.r8,
-                      "rflags": c.regs["rflags"], "xmm_after": list(xmm or c.xmm) + XMM_SEED, "mxcsr": MXCSR_SEED,
-                      "completion": {**c.regs, "rip": INSN + 3, "rax": status}, **wrong})
+        return HcallOutcome(**{"call": c, "completed": True, **written, "completion": {**c.regs, "rip": INSN + 3, **written},
+                               **wrong})
+    return HcallOutcome(**{"call": c, "completed": True, "rax": status, "rcx": c.control, "rdx": c.rdx, "r8": c.r8,
+                           "rflags": c.regs["rflags"], "xmm_after": list(xmm or c.xmm) + XMM_SEED, "mxcsr": MXCSR_SEED,
+                           "completion": {**c.regs, "rip": INSN + 3, "rax": status}, **wrong})
 
 
 def changed(values: list, i: int, new: object) -> list:
@@ -122,7 +122,7 @@ def test_no_exit_fails_the_row_itself():
 
 def test_probe_finding_names_the_field_and_its_group():
     """features' hypercall probes use the same check: a slow exit that wrote hcall.xmm is a P01 finding (100)."""
-    out = Outcome(exited=True, input=hvtlfs.HVCALL_VTL_CALL, xmm=[XMM_SENTINEL] * 5 + [(0, 0)])
+    out = HcallOutcome(exited=True, input=hvtlfs.HVCALL_VTL_CALL, xmm=[XMM_SENTINEL] * 5 + [(0, 0)])
     found = features.hcall_deviations("vsm_hcalls", "80, 81", "slow VtlCall (0x11)", out, hvtlfs.HVCALL_VTL_CALL,
                                       (0, 0), hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)
     assert found == (features.deviation("xmm_output", "100", f"slow VtlCall (0x11): hcall.xmm[5] {xmm_hex((0, 0))}",
@@ -189,7 +189,7 @@ def test_guest_mxcsr_after_completion():
 
 def test_failed_completion_fails_the_row_itself():
     with pytest.raises(AssertionError, match="catalog 84: completing the exit of control 0x10050 failed"):
-        hvexits.expect_completion(Outcome(call(), detail="KVM_RUN -1 (EFAULT)"), 84, 5)
+        hvexits.expect_completion(HcallOutcome(call(), detail="KVM_RUN -1 (EFAULT)"), 84, 5)
 
 
 # --- the in-kernel answer ----------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ class FakeVcpu:
     def get_lapic(self) -> bytes:
         return bytes(1024)
 
-    def get_mp_state(self) -> tuple[int, int]:
+    def get_mp_state_raw(self) -> tuple[int, int]:
         return (uapi.KVM_MP_STATE_HV_INACTIVE_VTL, 0)
 
 

@@ -60,7 +60,7 @@ def test_access_matrix(vm, series, xmm_capture, code, ec, state):
     gate = hvtlfs.ACCESS_BIT[code]
     n = access_catalog(code, ec, state)
     bits = CpuidBits(ebx_set=gate) if state == "set" else CpuidBits(ebx_clear=gate or ALL_ACCESS_BITS)
-    hvm = hyperv.build(vm, bits, enforce_cpuid=ec)
+    hvm = hyperv.build_hv_machine(vm, bits, enforce_cpuid=ec)
     out = hyperv.hypercall(hvm, code, RDX, R8)
     if not series.patched(hyperv.code_group(code)):
         expect_status(out, n, hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)
@@ -77,13 +77,13 @@ FULL_CONTROL = dict(varhead=5, rep_count=3, rep_start=1)
 def test_exit_carries_control_word_and_params(vm, series, xmm_capture, code):
     """hcall.input is the whole RCX (rep count/start and var-header bits included); params are RDX and R8."""
     series.require(hyperv.code_group(code))
-    expect_exit(hyperv.hypercall(hyperv.build(vm), control(code, **FULL_CONTROL), RDX, R8), 81, xmm_capture)
+    expect_exit(hyperv.hypercall(hyperv.build_hv_machine(vm), control(code, **FULL_CONTROL), RDX, R8), 81, xmm_capture)
 
 
 @pytest.mark.parametrize("code,field", [
     code_param(c, 83, suffix=f"-{f}", values=(f,)) for c in hvtlfs.EXITING_CODES for f in ("rep_count", "varhead")])
 def test_rep_and_varhead_are_not_validated(vm, series, xmm_capture, code, field):
-    out = hyperv.hypercall(hyperv.build(vm), control(code, **{field: 2}), RDX, R8)
+    out = hyperv.hypercall(hyperv.build_hv_machine(vm), control(code, **{field: 2}), RDX, R8)
     if series.patched(hyperv.code_group(code)):
         expect_exit(out, 83, xmm_capture)
     else:
@@ -93,7 +93,7 @@ def test_rep_and_varhead_are_not_validated(vm, series, xmm_capture, code, field)
 @pytest.mark.parametrize("code", [code_param(c, 84) for c in WITH_STATUS])
 def test_completion_writes_result_and_advances_rip(vm, series, xmm_capture, code):
     series.require(hyperv.code_group(code))
-    hvm = hyperv.build(vm)
+    hvm = hyperv.build_hv_machine(vm)
     expect_exit(hyperv.hypercall(hvm, code, RDX, R8), 84, xmm_capture)
     expect_completion(hyperv.complete(hvm, hvtlfs.HV_STATUS_INVALID_PARAMETER), 84, hvtlfs.HV_STATUS_INVALID_PARAMETER)
 
@@ -102,7 +102,7 @@ def test_completion_writes_result_and_advances_rip(vm, series, xmm_capture, code
 def test_vtl_call_and_return_completion_leaves_rax(vm, series, xmm_capture, code):
     """TLFS: VtlCall/VtlReturn return no status, so completion must not write RAX (P18)."""
     series.require("vsm_hcalls")
-    hvm = hyperv.build(vm)
+    hvm = hyperv.build_hv_machine(vm)
     expect_exit(hyperv.hypercall(hvm, code, RDX, R8), 85, xmm_capture)
     expect_completion(hyperv.complete(hvm, hvtlfs.HV_STATUS_INVALID_PARAMETER), 85, RAX_SENTINEL)
 
@@ -112,7 +112,7 @@ def test_vtl_call_and_return_completion_leaves_rax(vm, series, xmm_capture, code
 def test_completion_in_32bit_guest_splits_result_into_edx_eax(vm, series, xmm_capture):
     """Input in EBX:ECX and output in EDI:ESI reach params; the result 0x0000000100000005 becomes EDX 1, EAX 5."""
     series.require("vsm_hcalls")
-    hvm = hyperv.build(vm, mode=32)
+    hvm = hyperv.build_hv_machine(vm, mode=32)
     code, rdx, r8 = hvtlfs.HVCALL_MODIFY_VTL_PROTECTION_MASK, 0x0000000100002000, 0x0000000200003000
     expect_exit(hyperv.hypercall(hvm, code, rdx, r8), 86, xmm_capture)
     expect_completion(hyperv.complete(hvm, 0x0000000100000005), 86, 0x0000000100000005)
@@ -124,7 +124,7 @@ def test_completion_in_32bit_guest_splits_result_into_edx_eax(vm, series, xmm_ca
 def test_reserved_control_bit_wins_over_the_exit(vm, bit):
     """Same on both kernels: the reserved-bit check runs before dispatch, so 0x50 never reaches userspace."""
     ctl = hvtlfs.HVCALL_GET_VP_REGISTERS | 1 << bit
-    expect_status(hyperv.hypercall(hyperv.build(vm), ctl, RDX, R8), 87, hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT)
+    expect_status(hyperv.hypercall(hyperv.build_hv_machine(vm), ctl, RDX, R8), 87, hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT)
 
 
 VTL_CALL_RESERVED_REASON = ("catalog 88 (known v1 deviation): a reserved control bit with VtlCall (0x11) gives no exit, "
@@ -138,7 +138,7 @@ def test_reserved_control_bit_with_vtl_call_returns_status_3(vm, series, known_d
     patched = series.patched("vsm_hcalls")
     deviation = known_deviation(VTL_CALL_RESERVED_REASON)
     ctl = hvtlfs.HVCALL_VTL_CALL | 1 << 27
-    out = hyperv.hypercall(hyperv.build(vm), ctl, RDX, R8)
+    out = hyperv.hypercall(hyperv.build_hv_machine(vm), ctl, RDX, R8)
     if patched and out.completed and out.rax == RAX_SENTINEL and out.rcx == ctl:
         expect_status(out, 88, RAX_SENTINEL)
         deviation.seen(f"catalog 88: control {ctl:#x}: {out}, RIP advanced; expected RAX "
@@ -151,7 +151,7 @@ def test_reserved_control_bit_with_vtl_call_returns_status_3(vm, series, known_d
 @pytest.mark.catalog(95)
 @pytest.mark.group("hv_exits")
 def test_cpl3_hypercall_raises_ud(vm):
-    hvm = hyperv.build(vm)
+    hvm = hyperv.build_hv_machine(vm)
     out = hyperv.hypercall(hvm, hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8, entry="hcall_user")
     assert out.exception == 6 and out.rip == hvm.insn, f"catalog 95: expected #UD at {hvm.insn:#x}, got {out}"
 
@@ -161,7 +161,7 @@ def test_cpl3_hypercall_raises_ud(vm):
 def test_without_guest_os_id_vmcall_is_a_kvm_hypercall(vm):
     """Without the guest OS ID, KVM's own PV handler takes the VMCALL: nr = RAX (the sentinel) is unknown to it,
     so it answers -KVM_ENOSYS and never exits with KVM_EXIT_HYPERV."""
-    out = hyperv.hypercall(hyperv.build(vm, guest_os_id=0), hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8)
+    out = hyperv.hypercall(hyperv.build_hv_machine(vm, guest_os_id=0), hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8)
     expect_status(out, 96, 2**64 - KVM_ENOSYS)
 
 
@@ -171,7 +171,7 @@ def fast(code: int) -> int:
     return control(code, fast=True)
 
 
-def expect_exit_it_relies_on(series, out: hyperv.Outcome, n: int, xmm_capture: bool | None) -> None:
+def expect_exit_it_relies_on(series, out: hyperv.HcallOutcome, n: int, xmm_capture: bool | None) -> None:
     """An XMM row's exit, which its code's group makes (catalog 80): none at all is that group's error (the row's own
     groups get an error, not a failure); the exit's fields count where hvexits counts them."""
     call = out.call
@@ -185,7 +185,7 @@ def expect_exit_it_relies_on(series, out: hyperv.Outcome, n: int, xmm_capture: b
 def test_fast_get_vp_registers_exit_carries_xmm(vm, series, xmm_capture):
     """Without P06 0x50 does not exist (RAX = 2); with it the exit carries XMM0-5 only if P01 is there too (the
     capture is what expect_exit checks on every fast exit)."""
-    out = hyperv.hypercall(hyperv.build(vm), fast(hvtlfs.HVCALL_GET_VP_REGISTERS), RDX, R8, xmm=XMM_IN)
+    out = hyperv.hypercall(hyperv.build_hv_machine(vm), fast(hvtlfs.HVCALL_GET_VP_REGISTERS), RDX, R8, xmm=XMM_IN)
     if not series.patched("hv_exits"):
         expect_status(out, 97, hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)
         return
@@ -199,7 +199,7 @@ def test_fast_get_vp_registers_exit_carries_xmm(vm, series, xmm_capture):
 def test_other_xmm_fast_exits_carry_xmm(vm, series, xmm_capture, code):
     series.require("xmm_output")
     series.require(hyperv.code_group(code))
-    expect_exit_it_relies_on(series, hyperv.hypercall(hyperv.build(vm), fast(code), RDX, R8, xmm=XMM_IN), 98,
+    expect_exit_it_relies_on(series, hyperv.hypercall(hyperv.build_hv_machine(vm), fast(code), RDX, R8, xmm=XMM_IN), 98,
                              xmm_capture)
 
 
@@ -211,7 +211,7 @@ def test_fast_input_without_xmm_input_bit(vm, series, state):
     bit17 = hvtlfs.HV_ACCESS_VP_REGISTERS
     bits = CpuidBits(ebx_set=bit17, edx_clear=EDX_XMM_IN) if state == "ebx17-set" else \
         CpuidBits(ebx_clear=bit17, edx_clear=EDX_XMM_IN)
-    hvm = hyperv.build(vm, bits, enforce_cpuid=True)
+    hvm = hyperv.build_hv_machine(vm, bits, enforce_cpuid=True)
     out = hyperv.hypercall(hvm, fast(hvtlfs.HVCALL_GET_VP_REGISTERS), RDX, R8, xmm=XMM_IN)
     if not series.patched("hv_exits"):
         expect_status(out, 99, hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)
@@ -227,7 +227,7 @@ def test_slow_exit_leaves_xmm_area_untouched(vm, series, xmm_capture):
     72-167 (hcall.xmm) of a slow exit."""
     series.require("xmm_output")
     series.require("hv_exits")
-    out = hyperv.hypercall(hyperv.build(vm), hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8, xmm=XMM_IN)
+    out = hyperv.hypercall(hyperv.build_hv_machine(vm), hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8, xmm=XMM_IN)
     expect_exit_it_relies_on(series, out, 100, xmm_capture)
 
 
@@ -248,7 +248,7 @@ def test_xmm_output_on_completion(vm, series, xmm_capture, n, code, is_fast, res
     """Only a successful fast 0x50/0x52 completion overwrites XMM0-5 with hcall.xmm; RAX gets the result."""
     series.require("xmm_output")
     series.require(hyperv.code_group(code))
-    hvm = hyperv.build(vm)
+    hvm = hyperv.build_hv_machine(vm)
     expect_exit_it_relies_on(series, hyperv.hypercall(hvm, control(code, fast=is_fast), RDX, R8, xmm=XMM_IN), n,
                              xmm_capture)
     expect_completion(hyperv.complete(hvm, result, xmm=XMM_OUT), n, result, after)
@@ -262,7 +262,7 @@ def test_xmm_output_needs_the_output_bit_under_enforce_cpuid(vm, series, xmm_cap
     series.require("hv_exits")
     bits = CpuidBits(ebx_set=hvtlfs.HV_ACCESS_VP_REGISTERS, edx_set=EDX_XMM_IN | (EDX_XMM_OUT if output_bit else 0),
                      edx_clear=0 if output_bit else EDX_XMM_OUT)
-    hvm = hyperv.build(vm, bits, enforce_cpuid=True)
+    hvm = hyperv.build_hv_machine(vm, bits, enforce_cpuid=True)
     expect_exit_it_relies_on(series, hyperv.hypercall(hvm, fast(hvtlfs.HVCALL_GET_VP_REGISTERS), RDX, R8, xmm=XMM_IN),
                              n, xmm_capture)
     out = hyperv.complete(hvm, 0, xmm=XMM_OUT)
@@ -282,7 +282,7 @@ def test_completion_rereads_the_control_word(vm, series, xmm_capture, row):
     """KVM takes code and fast bit for the completion from hcall.input in kvm_run, not from the guest's RCX."""
     series.require("xmm_output")
     series.require("hv_exits")
-    hvm = hyperv.build(vm)
+    hvm = hyperv.build_hv_machine(vm)
     if row == "slow-0x50-as-0x11":
         series.require("vsm_hcalls")
         expect_exit_it_relies_on(series, hyperv.hypercall(hvm, hvtlfs.HVCALL_GET_VP_REGISTERS, RDX, R8), 109,
@@ -303,7 +303,7 @@ def test_fast_exit_outside_the_xmm_fast_list_leaks_nothing(vm, series, xmm_captu
     driver's sentinel leak nothing; anything else is shown as a known deviation."""
     series.require("xmm_output")
     series.require("vsm_hcalls")
-    out = hyperv.hypercall(hyperv.build(vm), fast(hvtlfs.HVCALL_VTL_CALL), RDX, R8, xmm=XMM_IN)
+    out = hyperv.hypercall(hyperv.build_hv_machine(vm), fast(hvtlfs.HVCALL_VTL_CALL), RDX, R8, xmm=XMM_IN)
     expect_exit_it_relies_on(series, out, 110, xmm_capture)
     leaked = [i for i, reg in enumerate(out.xmm) if reg not in ((0, 0), XMM_IN[i], XMM_SENTINEL)]
     if leaked:

@@ -51,8 +51,8 @@ def ipi(variant: str, in_vtl: int, vector: int = VECTOR, **ctl: int) -> Ipi:
     return Ipi(code, hyperv.INPUT_GPA, 0, UNTOUCHED_XMM, body)
 
 
-def send(vm, cpuid: CpuidBits, req: Ipi) -> tuple[hyperv.HvMachine, hyperv.Outcome]:
-    hvm = hyperv.build(vm, cpuid, vcpus=2)
+def send(vm, cpuid: CpuidBits, req: Ipi) -> tuple[hyperv.HvMachine, hyperv.HcallOutcome]:
+    hvm = hyperv.build_hv_machine(vm, cpuid, vcpus=2)
     if req.slow_input:
         hvm.machine.mem.write(hyperv.INPUT_GPA, req.slow_input)
     return hvm, hyperv.hypercall(hvm, req.control, req.rdx, req.r8, xmm=req.xmm)
@@ -62,18 +62,18 @@ def delivered(hvm: hyperv.HvMachine) -> bool:
     return hyperv.irr_pending(hvm.machine.vcpus[TARGET], VECTOR)
 
 
-def expect_vtl_exit(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int, xmm_capture: bool | None) -> None:
+def expect_vtl_exit(hvm: hyperv.HvMachine, out: hyperv.HcallOutcome, n: int, xmm_capture: bool | None) -> None:
     """An exit for userspace to route, carrying the unchanged control word and parameters; nothing delivered."""
     expect_exit(out, n, xmm_capture)
     assert not delivered(hvm), f"catalog {n}: vector {VECTOR:#x} reached VP {TARGET} although the IPI went to userspace"
 
 
-def expect_in_kernel(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int) -> None:
+def expect_in_kernel(hvm: hyperv.HvMachine, out: hyperv.HcallOutcome, n: int) -> None:
     expect_status(out, n, hvtlfs.HV_STATUS_SUCCESS)
     assert delivered(hvm), f"catalog {n}: RAX 0 but vector {VECTOR:#x} is not pending in VP {TARGET}'s IRR"
 
 
-def expect_rejected(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int) -> None:
+def expect_rejected(hvm: hyperv.HvMachine, out: hyperv.HcallOutcome, n: int) -> None:
     expect_status(out, n, hvtlfs.HV_STATUS_INVALID_HYPERCALL_INPUT)
     assert not delivered(hvm), f"catalog {n}: rejected IPI still left vector {VECTOR:#x} pending in VP {TARGET}"
 
@@ -81,7 +81,7 @@ def expect_rejected(hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int) -> None:
 EXIT, IN_KERNEL, REJECTED = "exit", "in-kernel", "rejected"
 
 
-def expect(outcome: str, hvm: hyperv.HvMachine, out: hyperv.Outcome, n: int, xmm_capture: bool | None) -> None:
+def expect(outcome: str, hvm: hyperv.HvMachine, out: hyperv.HcallOutcome, n: int, xmm_capture: bool | None) -> None:
     """The row's expected routing: an exit for userspace, delivery in the kernel, or status 3 and no delivery."""
     if outcome == EXIT:
         expect_vtl_exit(hvm, out, n, xmm_capture)

@@ -25,7 +25,7 @@ def test_vm_with_vcpus_releases_every_fd_and_mapping():
     before_fds, before_maps = open_fds(), mappings()
     for _ in range(3):
         with Kvm() as kvm, kvm.create_vm() as vm:
-            guest.build(vm, guest.load_payload("basic"), vcpus=2)
+            guest.build_machine(vm, guest.load_payload("basic"), vcpus=2)
             assert len(vm.vcpus) == 2
     assert open_fds() == before_fds
     assert mappings() == before_maps
@@ -65,7 +65,7 @@ def test_watchdog_bounds_a_guest_that_never_exits(vm):
     It spins with RFLAGS.IF = 1, which changes nothing for the host's kick (the guest has no interrupt
     source): Bochs (qualify --cpu intel) never interrupts an L2 running with IF = 0, so there a spin with
     interrupts off could not be kicked out at all (spec section 5)."""
-    m = guest.build(vm, guest.load_payload("basic"), entry="spin")
+    m = guest.build_machine(vm, guest.load_payload("basic"), entry="spin")
     regs = m.vcpu.get_regs()
     regs.rflags |= guest.RFLAGS_IF
     m.vcpu.set_regs(regs)
@@ -80,7 +80,7 @@ def test_watchdog_bounds_a_guest_that_never_exits(vm):
 
 def test_vcpu_state_round_trips(vm):
     """The state accessors the tests rely on: what is set is what KVM_GET_* returns."""
-    m = guest.build(vm, guest.load_payload("basic"))
+    m = guest.build_machine(vm, guest.load_payload("basic"))
     vcpu = m.vcpu
     fpu = vcpu.get_fpu()
     fpu.xmm[3][0:16] = list(range(16))

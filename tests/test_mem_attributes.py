@@ -42,7 +42,7 @@ def make_vm(kvm):
 
 def expect(vm, gpa: int, size: int, attributes: int, want: int, row: int, flags: int = 0) -> None:
     """want: 0 for success, else the errno."""
-    ret, err = vm.set_memory_attributes(gpa, size, attributes, flags)
+    ret, err = vm.set_memory_attributes_raw(gpa, size, attributes, flags)
     got = 0 if ret == 0 else err
     assert got == want, (
         f"catalog {row}: KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, attributes {attributes:#x} "
@@ -67,7 +67,7 @@ def test_memory_fault_info_capability(kvm, vm):
     KVM_SET_MEMORY_ATTRIBUTES). A kernel with neither the capability nor the attributes ioctl predates
     both, and the row has no expectation there."""
     got = (kvm.check_extension(uapi.KVM_CAP_MEMORY_FAULT_INFO), vm.check_extension(uapi.KVM_CAP_MEMORY_FAULT_INFO))
-    if got == (0, 0) and vm.set_memory_attributes(GPA, PAGE, 0)[1] == errno.ENOTTY:
+    if got == (0, 0) and vm.set_memory_attributes_raw(GPA, PAGE, 0)[1] == errno.ENOTTY:
         pytest.skip("kernel predates KVM_EXIT_MEMORY_FAULT: no KVM_CAP_MEMORY_FAULT_INFO, no KVM_SET_MEMORY_ATTRIBUTES")
     assert got == (1, 1), f"catalog 4: KVM_CHECK_EXTENSION(232) on /dev/kvm, VM fd = {got}, expected (1, 1)"
 
@@ -101,7 +101,7 @@ def test_ioctl_exists_with_hyperv(kvm, vm, series):
     if not kvm.check_extension(uapi.KVM_CAP_HYPERV):
         pytest.skip("kernel lacks KVM_CAP_HYPERV (CONFIG_KVM_HYPERV): the row is about Hyper-V builds")
     series.require("vsm_hcalls")
-    ret, err = vm.set_memory_attributes(GPA, PAGE, 0)
+    ret, err = vm.set_memory_attributes_raw(GPA, PAGE, 0)
     assert err != errno.ENOTTY, f"catalog 8: KVM_SET_MEMORY_ATTRIBUTES returned {ret}/ENOTTY on a Hyper-V build with P18"
 
 

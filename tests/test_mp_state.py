@@ -31,27 +31,26 @@ def state_name(state: int) -> str:
 
 @pytest.fixture
 def irqchip_vcpu(vm):
-    ret, err = vm.create_irqchip()
-    assert ret == 0, f"KVM_CREATE_IRQCHIP: {uapi.errno_name(err)}"
+    vm.create_irqchip()
     return vm.create_vcpu(0)
 
 
 @pytest.mark.parametrize("state,reads", WITH_IRQCHIP, ids=lambda s: state_name(s) if isinstance(s, int) else s)
 def test_standard_state_round_trips_with_in_kernel_lapic(irqchip_vcpu, state, reads):
-    assert irqchip_vcpu.set_mp_state(state) == (0, 0), f"KVM_SET_MP_STATE({state_name(state)})"
-    got, err = irqchip_vcpu.get_mp_state()
+    assert irqchip_vcpu.set_mp_state_raw(state) == (0, 0), f"KVM_SET_MP_STATE({state_name(state)})"
+    got, err = irqchip_vcpu.get_mp_state_raw()
     assert (got, err) == (reads, 0), f"after {state_name(state)}: KVM_GET_MP_STATE read {state_name(got)}"
 
 
 @pytest.mark.parametrize("state", NON_X86, ids=state_name)
 def test_non_x86_states_are_einval(irqchip_vcpu, state):
-    assert irqchip_vcpu.set_mp_state(state) == (-1, errno.EINVAL)
+    assert irqchip_vcpu.set_mp_state_raw(state) == (-1, errno.EINVAL)
 
 
 def test_only_runnable_without_in_kernel_lapic(vm):
     vcpu = vm.create_vcpu(0)
-    assert vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE) == (0, 0)
-    assert vcpu.set_mp_state(uapi.KVM_MP_STATE_HALTED) == (-1, errno.EINVAL), "HALTED needs an in-kernel LAPIC"
+    vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+    assert vcpu.set_mp_state_raw(uapi.KVM_MP_STATE_HALTED) == (-1, errno.EINVAL), "HALTED needs an in-kernel LAPIC"
 
 
 @pytest.mark.catalog(123)
@@ -59,12 +58,12 @@ def test_only_runnable_without_in_kernel_lapic(vm):
 def test_inactive_vtl_refused_without_hyperv_cpuid(vm, irqchip):
     """Same on both kernels: state 11 needs the VSM bit in Hyper-V CPUID, which this vCPU lacks."""
     if irqchip:
-        assert vm.create_irqchip()[0] == 0
+        vm.create_irqchip()
     vcpu = vm.create_vcpu(0)
     vcpu.set_cpuid(vm.kvm.supported_cpuid())
-    ret, err = vcpu.set_mp_state(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
+    ret, err = vcpu.set_mp_state_raw(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
     assert (ret, err) == (-1, errno.EINVAL), f"catalog 123: KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}, expected EINVAL"
-    got = vcpu.get_mp_state()
+    got = vcpu.get_mp_state_raw()
     assert got == (uapi.KVM_MP_STATE_RUNNABLE, 0), \
         f"catalog 123: after the refused KVM_SET_MP_STATE(11) the vCPU reads {state_name(got[0])}, expected RUNNABLE"
 
@@ -81,12 +80,12 @@ TIMER_COUNT = 50_000_000                      # 50 ms at KVM's default 1 ns APIC
 
 
 def send_msi(vm, vector: int = MSI_VECTOR) -> None:
-    ret, err = vm.signal_msi(MSI_ADDRESS, vector)
+    ret, err = vm.signal_msi_raw(MSI_ADDRESS, vector)
     assert ret > 0, f"KVM_SIGNAL_MSI(vector {vector:#x} to APIC 0) not delivered: {ret}, {uapi.errno_name(err)}"
 
 
 def set_state(vcpu, state: int, n: int) -> None:
-    ret, err = vcpu.set_mp_state(state)
+    ret, err = vcpu.set_mp_state_raw(state)
     assert (ret, err) == (0, 0), f"catalog {n}: KVM_SET_MP_STATE({state_name(state)}): {uapi.errno_name(err)}"
 
 
@@ -96,7 +95,7 @@ IF_ROWS = pytest.mark.parametrize("rflags_if", [0, 1], ids=["IF=0", "IF=1"])   #
 def inactive_vtl(vm, series, n: int, rflags_if: int) -> hyperv.HvMachine:
     """A VSM vCPU with RFLAGS.IF as given put into state 11; the rows using it have no upstream expectation."""
     series.require("mp_inactive_vtl")
-    hvm = hyperv.build(vm, VSM)
+    hvm = hyperv.build_hv_machine(vm, VSM)
     regs = hvm.vcpu.get_regs()
     regs.rflags = regs.rflags & ~guest.RFLAGS_IF | (guest.RFLAGS_IF if rflags_if else 0)
     hvm.vcpu.set_regs(regs)
@@ -120,21 +119,21 @@ def woken_by_msi(vm, series, n: int, rflags_if: int) -> hyperv.HvMachine:
 @pytest.mark.catalog(124)
 def test_inactive_vtl_refused_without_the_vsm_bit(vm):
     """Same on both kernels: a Hyper-V vCPU whose 0x40000003 EBX lacks bit 16 cannot enter state 11."""
-    hvm = hyperv.build(vm, hyperv.CpuidBits(ebx_clear=hvtlfs.HV_ACCESS_VSM))
-    ret, err = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    hvm = hyperv.build_hv_machine(vm, hyperv.CpuidBits(ebx_clear=hvtlfs.HV_ACCESS_VSM))
+    ret, err = hvm.vcpu.set_mp_state_raw(INACTIVE_VTL)
     assert (ret, err) == (-1, errno.EINVAL), f"catalog 124: KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}"
 
 
 @pytest.mark.catalog(125)
 def test_inactive_vtl_accepted_with_the_vsm_bit(vm, series):
-    hvm = hyperv.build(vm, VSM)
-    ret, err = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    hvm = hyperv.build_hv_machine(vm, VSM)
+    ret, err = hvm.vcpu.set_mp_state_raw(INACTIVE_VTL)
     if not series.patched("mp_inactive_vtl"):
         assert (ret, err) == (-1, errno.EINVAL), \
             f"catalog 125: unpatched KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}, expected EINVAL"
         return
     assert (ret, err) == (0, 0), f"catalog 125: KVM_SET_MP_STATE(11) on a VSM vCPU: {uapi.errno_name(err)}"
-    got = hvm.vcpu.get_mp_state()
+    got = hvm.vcpu.get_mp_state_raw()
     assert got == (INACTIVE_VTL, 0), f"catalog 125: KVM_GET_MP_STATE read {state_name(got[0])}, expected 11"
 
 
@@ -165,13 +164,13 @@ def test_reentering_inactive_vtl_wakes_again(vm, series, rflags_if):
 def test_halted_with_if0_keeps_blocking_on_a_pending_msi(vm):
     """Control case, same on both kernels: a HALTED vCPU with IF = 0 does not wake for a pending interrupt, so
     only the watchdog's signal (EINTR) ends KVM_RUN."""
-    hvm = hyperv.build(vm, VSM)
+    hvm = hyperv.build_hv_machine(vm, VSM)
     set_state(hvm.vcpu, uapi.KVM_MP_STATE_HALTED, 129)
     send_msi(vm)
     ex = hvm.vcpu.run(1.0)
     assert ex.timed_out and ex.errno == errno.EINTR, \
         f"catalog 129: HALTED with IF = 0 and an MSI pending returned: {hvm.machine.describe()}"
-    got = hvm.vcpu.get_mp_state()
+    got = hvm.vcpu.get_mp_state_raw()
     assert got == (uapi.KVM_MP_STATE_HALTED, 0), f"catalog 129: state {state_name(got[0])} after the signal"
 
 
@@ -185,7 +184,7 @@ def test_inactive_vtl_blocks_until_an_msi_from_another_thread(vm, series, rflags
     def sender() -> None:
         time.sleep(0.5)   # give the vCPU time to block; the assertion below is on order, not on time
         sent.set()
-        result.append(vm.signal_msi(MSI_ADDRESS, MSI_VECTOR))
+        result.append(vm.signal_msi_raw(MSI_ADDRESS, MSI_VECTOR))
 
     thread = threading.Thread(target=sender, name="msi-sender")
     thread.start()
@@ -194,7 +193,8 @@ def test_inactive_vtl_blocks_until_an_msi_from_another_thread(vm, series, rflags
         assert sent.is_set(), (f"catalog 130: RFLAGS.IF = {rflags_if}: KVM_RUN returned before the MSI was sent: "
                                "state 11 did not block")
     finally:
-        thread.join()
+        thread.join(5.0)
+    assert not thread.is_alive(), "catalog 130: the KVM_SIGNAL_MSI sender thread did not finish within 5 s"
     assert result and result[0][0] > 0, f"catalog 130: KVM_SIGNAL_MSI from the sender thread: {result}"
 
 
@@ -202,7 +202,7 @@ def test_inactive_vtl_blocks_until_an_msi_from_another_thread(vm, series, rflags
 @IF_ROWS
 def test_pending_nmi_wakes_inactive_vtl(vm, series, rflags_if):
     hvm = inactive_vtl(vm, series, 131, rflags_if)
-    assert hvm.vcpu.nmi() == (0, 0), f"catalog 131: RFLAGS.IF = {rflags_if}: KVM_NMI failed"
+    assert hvm.vcpu.nmi_raw() == (0, 0), f"catalog 131: RFLAGS.IF = {rflags_if}: KVM_NMI failed"
     expect_wakeup(hvm, 131, "state 11, NMI pending", None)
 
 
@@ -246,12 +246,12 @@ def test_clearing_the_vsm_bit_withdraws_inactive_vtl(vm, series):
     """api.rst: the guest CPUID's VSM bit is what makes state 11 available; a new KVM_SET_CPUID2 before the first
     KVM_RUN without it makes KVM_SET_MP_STATE(11) fail again."""
     patched = series.patched("mp_inactive_vtl")
-    hvm = hyperv.build(vm, VSM)
-    first = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    hvm = hyperv.build_hv_machine(vm, VSM)
+    first = hvm.vcpu.set_mp_state_raw(INACTIVE_VTL)
     assert first == ((0, 0) if patched else (-1, errno.EINVAL)), \
         f"catalog 135: with the VSM bit KVM_SET_MP_STATE(11) gave {first[0]}/{uapi.errno_name(first[1])}"
     set_state(hvm.vcpu, uapi.KVM_MP_STATE_RUNNABLE, 135)
     hvm.vcpu.set_cpuid(hyperv.hv_cpuid(vm.kvm, hvm.vcpu, hyperv.CpuidBits(ebx_clear=hvtlfs.HV_ACCESS_VSM)))
-    ret, err = hvm.vcpu.set_mp_state(INACTIVE_VTL)
+    ret, err = hvm.vcpu.set_mp_state_raw(INACTIVE_VTL)
     assert (ret, err) == (-1, errno.EINVAL), \
         f"catalog 135: after clearing the VSM bit KVM_SET_MP_STATE(11) gave {ret}/{uapi.errno_name(err)}, expected EINVAL"

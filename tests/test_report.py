@@ -260,7 +260,7 @@ def test_partial_backport_is_named(monkeypatch):
 def test_hv_exits_backported_in_part_is_named(monkeypatch):
     """P06 without P07/P08: present (its rows run, the missing codes' rows fail) and named as a partial backport."""
     monkeypatch.setattr(features, "advertised_hv_bits", lambda: {})
-    exit_, status2 = hyperv.Outcome(exited=True, input=0x50), hyperv.Outcome(completed=True, rax=2)
+    exit_, status2 = hyperv.HcallOutcome(exited=True, input=0x50), hyperv.HcallOutcome(completed=True, rax=2)
     codes = [f"{code:#06x} ({patch})" for code, patch in features.HV_EXIT_CODES]
     both = features.hv_exits_verdict(list(zip(codes, [exit_, exit_, status2, status2, status2])))
     assert both.state == features.PRESENT
@@ -270,7 +270,7 @@ def test_hv_exits_backported_in_part_is_named(monkeypatch):
     assert features.hv_exits_verdict([(c, exit_) for c in codes]) == Detection(
         "hv_exits", features.PRESENT, "slow " + ", ".join(codes) + " exit to userspace")
     assert features.hv_exits_verdict([(c, status2) for c in codes]).state == features.ABSENT
-    assert features.hv_exits_verdict([(codes[0], exit_), (codes[1], hyperv.Outcome(exception=6))]).state == \
+    assert features.hv_exits_verdict([(codes[0], exit_), (codes[1], hyperv.HcallOutcome(exception=6))]).state == \
         features.UNKNOWN, "a guest exception says nothing about the patch"
 
 
@@ -478,12 +478,12 @@ def hypercall(hvm, control, rdx=0, r8=0, *, xmm=None, **_):
     """P18's codes answered in the kernel (RAX 2), every other code exiting as the series says."""
     call = hyperv.Call(control, rdx, r8, list(xmm or hyperv.XMM_DEFAULT))
     if call.code in hvtlfs.VSM_CODES:
-        return hyperv.Outcome(call, completed=True, rax=hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)
-    return hyperv.Outcome(call, exited=True, input=control, params=(rdx, r8),
-                          xmm=list(call.xmm) if call.fast else [hyperv.XMM_SENTINEL] * 6)
+        return hyperv.HcallOutcome(call, completed=True, rax=hvtlfs.HV_STATUS_INVALID_HYPERCALL_CODE)
+    return hyperv.HcallOutcome(call, exited=True, input=control, params=(rdx, r8),
+                               xmm=list(call.xmm) if call.fast else [hyperv.XMM_SENTINEL] * 6)
 
 
-hyperv.build = lambda vm, *args, **kwargs: None
+hyperv.build_hv_machine = lambda vm, *args, **kwargs: None
 hyperv.hypercall = hypercall
 
 

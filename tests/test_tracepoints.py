@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvmtests import uapi
-from kvmtests.machine import memfault, tracefs
+from kvmtests.machine import host, memfault, tracefs
 from kvmtests.machine.kvm import Unavailable
 from kvmtests.machine.memfault import EXEC, PAGE, READ, WRITE, attr_names
 
@@ -148,14 +148,14 @@ def test_set_attributes_event(vm, series, trace, steps):
 def test_rejected_set_emits_nothing(vm, series, trace):
     for value, row in ((0x1, 20), (0x3, 21), (0x8, 23), (0x10, 25)):
         with series.precondition("rwx_attributes", f"catalog {row}: attributes {value:#x} are rejected with EINVAL"):
-            ret, err = vm.set_memory_attributes(PAGE_A, PAGE, value)
+            ret, err = vm.set_memory_attributes_raw(PAGE_A, PAGE, value)
             assert ret == -1, f"KVM_SET_MEMORY_ATTRIBUTES({value:#x}) returned {ret}"
     assert trace.set_events() == [], f"catalog 74: rejected ioctls emitted {trace.set_events()}"
 
 
 @pytest.fixture
 def prober(vm, series, trace, fault_rule):
-    memfault.require_tdp()
+    host.require_tdp()
     p = memfault.build_prober(vm, rule=fault_rule)
     for page in (PAGE_A, PAGE_B):
         p.place_ret(page)
@@ -226,7 +226,7 @@ def test_faultin_events_across_a_huge_page_aligned_range(prober, series, trace):
 @pytest.mark.catalog(77)
 def test_faultin_event_names_the_vcpu(vm, series, trace, fault_rule):
     """Two vCPUs, each denied a write on its own NW page: each event carries the faulting vCPU's id."""
-    memfault.require_tdp()
+    host.require_tdp()
     p = memfault.build_prober(vm, vcpus=2, rule=fault_rule)
     set_attrs(series, vm, PAGE_A, 2 * PAGE, NW)
     for vcpu, page in zip(p.m.vcpus[::-1], (PAGE_A, PAGE_B)):

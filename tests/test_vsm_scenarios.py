@@ -68,7 +68,7 @@ def test_vtl_call_and_return_round_trips_without_drift(kvm, series):
         entries = v.mem.read_u64(vsm.VTL1_ENTRIES)
         assert entries == ROUND_TRIPS, f"VTL1 counted {entries} entries, expected {ROUND_TRIPS}"
         with v.vtl1_held() as vtl1:
-            regs1, state = vtl1.get_regs(), vtl1.get_mp_state()
+            regs1, state = vtl1.get_regs(), vtl1.get_mp_state_raw()
         assert (regs1.rip, regs1.rsp) == (v.m1.sym("vtl1_return_insn") + 3, vsm.VTL1_STACK), \
             (f"catalog 81/85: VTL1 RIP {regs1.rip:#x} RSP {regs1.rsp:#x} after its last return, expected "
              f"{v.m1.sym('vtl1_return_insn') + 3:#x} (after the VMCALL) and its stack top {vsm.VTL1_STACK:#x}")
@@ -117,13 +117,14 @@ def test_interrupt_for_vtl1_preempts_running_vtl0(kvm, series):
     with harness(kvm, series, "vsm_hcalls") as v:
         v.enter("vtl0_spin")
         sent: list[tuple[int, int]] = []
-        sender = threading.Timer(0.2, lambda: sent.append(v.signal_vtl1(WAKE_VECTOR)))
+        sender = threading.Timer(0.2, lambda: sent.append(v.signal_vtl1_raw(WAKE_VECTOR)))
         sender.start()
         try:
             mark = expect_sync(v.run(4), 3, "after the preemption")   # preempted, switched, resumed
         finally:
             sender.cancel()
-            sender.join()
+            sender.join(5.0)
+        assert not sender.is_alive(), "the KVM_SIGNAL_MSI sender thread did not finish within 5 s"
         assert sent and sent[0][0] > 0, f"KVM_SIGNAL_MSI to VTL1's APIC 0 was not delivered: {sent}"
         assert mark == SPIN_MARK, f"VTL0's R12 is {mark:#x} after the preemption, expected {SPIN_MARK:#x}"
         assert len(v.log.wakes) == 1, f"catalog 130: {len(v.log.wakes)} WAKEUP exits of VTL1, expected one"

@@ -116,7 +116,7 @@ def _layered(kvm: Kvm, vm: Vm, m: guest.Machine) -> dict[str, Callable[[], objec
                             vm.set_user_memory_region_raw(1, 1 << 30, 0, hva)),
         "run": vcpu.run,
         "regs": lambda: vcpu.set_regs(vcpu.get_regs()),
-        "attrs": lambda: vm.set_memory_attributes(ATTR_GPA, 0x1000, 0),
+        "attrs": lambda: vm.set_memory_attributes_raw(ATTR_GPA, 0x1000, 0),
     }
 
 
@@ -159,7 +159,7 @@ def measure(kvm: Kvm, binary: Path, op: str, n: int, repeats: int, image: Path) 
     """Median ns per operation: (C, bare cffi, kvmtests objects)."""
     c, raw, layered = [], [], []
     with kvm.create_vm() as vm:
-        m = guest.build(vm, guest.load_payload("basic"), entry="pio_loop")
+        m = guest.build_machine(vm, guest.load_payload("basic"), entry="pio_loop")
         write_image(m, image)
         fns = (_raw(kvm, vm, m), _layered(kvm, vm, m))
         for _ in range(repeats):
@@ -203,11 +203,11 @@ def measure_switch(kvm: Kvm, binary: Path, op: str, n: int, image: Path) -> tupl
     through machine/vsm.py (which raises Unavailable or HarnessError where the kernel cannot run it)."""
     if op == "pio_exit":
         with kvm.create_vm() as vm:
-            m = guest.build(vm, guest.load_payload("basic"), entry="pio_loop")
+            m = guest.build_machine(vm, guest.load_payload("basic"), entry="pio_loop")
             write_image(m, image)
             return _c(binary, "pio", n, image), list(median_p99(_one_by_one(m.vcpu.run, n)))
     entry, steps = SWITCH_ENTRY[op]
-    with vsm.build(kvm) as v:
+    with vsm.build_vsm(kvm) as v:
         v.enter(entry, rbx=vsm.PROTECTED_PAGE)
         with v.vtl1_held() as vtl1:
             write_image(v.m0, image, (v.vtl0, vtl1))
@@ -250,7 +250,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         with kvm:
             with kvm.create_vm() as vm:
-                has_attrs = vm.set_memory_attributes(ATTR_GPA, 0x1000, 0)[0] == 0
+                has_attrs = vm.set_memory_attributes_raw(ATTR_GPA, 0x1000, 0)[0] == 0
             for op, n in OPS.items():
                 if op == "attrs" and not has_attrs:
                     rows.append([op, "-", "-", "-", "-", "-", "kernel lacks KVM_SET_MEMORY_ATTRIBUTES"])

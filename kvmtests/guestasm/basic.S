@@ -1,9 +1,7 @@
 /* First payloads: port I/O, MMIO, HLT, read-only memslot, CPUID, MSRs. */
 .include "common.inc"
 
-.set PIO_PORT, 0x3f8
-.set MMIO_GPA, 0xC0000000
-.set RO_GPA, 0x800000
+/* PIO_PORT, MMIO_GPA and RO_GPA come from the builder (--defsym, guest.py layout_defines). */
 
 _start:
 	GUEST_DONE

@@ -2,7 +2,7 @@
 .include "common32.inc"
 
 _start:
-	movw $0x3f8, %dx
+	movw $PIO_PORT, %dx
 	movl $0xa1b2c3d4, %eax
 	outl %eax, %dx
 	GUEST_SYNC 1, %esp

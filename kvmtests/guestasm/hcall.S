@@ -6,17 +6,17 @@
  * bytes would add into ECX). A #UD is reported by the exception handler. */
 .include "common.inc"
 
-.set REGS_IN, UCALL_GPA + 0x800     /* FXSAVE image: MXCSR at +24, XMM0-15 at +160 */
-.set REGS_OUT, UCALL_GPA + 0xA00    /* FXSAVE image after the call, then RDX +0x200, R8 +0x208, RFLAGS +0x210 */
+/* From the builder (--defsym, hyperv.py HCALL_DEFINES): REGS_IN, the FXSAVE image restored before the call;
+ * REGS_OUT, the FXSAVE image after it, then RDX, R8 and RFLAGS at REGS_OUT + REPORT_RDX/REPORT_R8/REPORT_RFLAGS. */
 
 _start:
 	GUEST_DONE
 
 report:
 	pushfq
-	popq REGS_OUT + 0x210
-	movq %rdx, REGS_OUT + 0x200
-	movq %r8, REGS_OUT + 0x208
+	popq REGS_OUT + REPORT_RFLAGS
+	movq %rdx, REGS_OUT + REPORT_RDX
+	movq %r8, REGS_OUT + REPORT_R8
 	fxsave REGS_OUT
 	ret
 

@@ -1,5 +1,5 @@
 /* One labelled memory access per instruction length, 1 to 15 bytes, for reads (rN) and writes
- * (wN). Every access touches TARGET = DATA_GPA + 0x200; <row>_insn .. <row>_end delimit the
+ * (wN). Every access touches INSN_TARGET (guest.py, --defsym); <row>_insn .. <row>_end delimit the
  * faulting instruction, so the host knows its exact length. Encodings (AT&T syntax):
  *   1 lodsb / stosb            AC / AA
  *   2 mov (%rbx),%eax          8B 03 / 89 03
@@ -16,7 +16,6 @@
  *  13-15 row 12 with 1-3 DS segment-override prefixes (3E), ignored in 64-bit mode */
 .include "common.inc"
 
-.set TARGET, DATA_GPA + 0x200
 .set IMM, 0x12345678
 
 _start:
@@ -25,9 +24,9 @@ _start:
 .macro ROW name, disp=0
 .globl \name
 \name:
-	movabsq $(TARGET - \disp), %rbx
+	movabsq $(INSN_TARGET - \disp), %rbx
 	xorl %ecx, %ecx
-	movq $TARGET, %rdi
+	movq $INSN_TARGET, %rdi
 	movq %rdi, %rsi
 	movq $0x5a, %rax
 	cld
@@ -42,7 +41,7 @@ _start:
 	GUEST_DONE
 .endm
 
-/* One row per length: rN reads with `rd`, wN writes with `wr`; %rbx + disp = TARGET. */
+/* One row per length: rN reads with `rd`, wN writes with `wr`; %rbx + disp = INSN_TARGET. */
 .macro ROWS n, rdisp, rd, wdisp, wr
 ROW r\n, \rdisp
 	\rd
@@ -65,10 +64,10 @@ ROWS 3,  0,      "movq (%rbx), %rax",                              0,      "movq
 ROWS 4,  0,      "movq (%rbx,%rcx), %rax",                         0,      "movq %rax, (%rbx,%rcx)"
 ROWS 5,  0x10,   "movq 0x10(%rbx,%rcx), %rax",                     0x10,   "movq %rax, 0x10(%rbx,%rcx)"
 ROWS 6,  0x1000, "movl 0x1000(%rbx), %eax",                        0x1000, "movl %eax, 0x1000(%rbx)"
-ROWS 7,  0,      "movq (_start_common + TARGET - CODE_GPA)(%rip), %rax", 0, "movq %rax, (_start_common + TARGET - CODE_GPA)(%rip)"
+ROWS 7,  0,      "movq (_start_common + INSN_TARGET - CODE_GPA)(%rip), %rax", 0, "movq %rax, (_start_common + INSN_TARGET - CODE_GPA)(%rip)"
 ROWS 8,  0x100,  "movq 0x100(%rbx,%rcx), %rax",                    0x10,   "movq $IMM, 0x10(%rbx)"
-ROWS 9,  0,      "movabsb TARGET, %al",                            0,      "movabsb %al, TARGET"
-ROWS 10, 0,      "movabsq TARGET, %rax",                           0,      "movabsq %rax, TARGET"
+ROWS 9,  0,      "movabsb INSN_TARGET, %al",                            0,      "movabsb %al, INSN_TARGET"
+ROWS 10, 0,      "movabsq INSN_TARGET, %rax",                           0,      "movabsq %rax, INSN_TARGET"
 ROWS 11, 0x100,  "cmpq $IMM, 0x100(%rbx)",                         0x100,  "movq $IMM, 0x100(%rbx)"
 .irp n, 12, 13, 14, 15
 ROWS \n, 0x100,  "DS \n-12; cmpq $IMM, 0x100(%rbx,%rcx)",          0x100,  "DS \n-12; movq $IMM, 0x100(%rbx,%rcx)"

@@ -13,30 +13,8 @@
 .set CMD_REGS, 2
 .set ECHO_MAGIC, 0x5a5a0000
 
-/* The control page (host-defined layout, vsm.py CONTROL_*). */
-.set CONTROL, DATA_GPA
-.set ENTRY_REASON, CONTROL + 0x00
-.set RET_RAX, CONTROL + 0x08
-.set RET_RCX, CONTROL + 0x10
-.set MSG_TYPE, CONTROL + 0x20
-.set MSG_GPA, CONTROL + 0x28
-.set MSG_ACCESS, CONTROL + 0x30
-.set VTL1_ENTRIES, CONTROL + 0x40
-.set VTL1_INTERCEPTS, CONTROL + 0x48
-.set VTL1_INTERRUPTS, CONTROL + 0x50
-.set VTL1_STATUS, CONTROL + 0x58       /* last status VTL1 got from a hypercall of its own */
-.set VTL1_GOT_RIP, CONTROL + 0x60      /* XMM1 low after GetVpRegisters(VTL0 RIP) */
-.set WAKE_FLAG, CONTROL + 0x68
-.set WRITES_DONE, CONTROL + 0x70
-.set VP1_FLAG, CONTROL + 0x78
-.set VP1_RSP, CONTROL + 0x80
-.set VTL1_STATUS2, CONTROL + 0x88      /* ... of its second one */
-.set VTL0_HCALL, CONTROL + 0x90        /* NOTE_HCALL: VTL0's hypercall the VMM has not served yet */
-.set VTL1_HCALL, CONTROL + 0x98        /* ... VTL1's */
-.set VP1_STACK, STACK_TOP - 0x6000
-.set VP1_PORT, 0xea
-.set INPUT, DATA_GPA + 0x1000          /* VTL1's hypercall input page */
-.set VP0_INPUT, DATA_GPA + 0x2000      /* VTL0's hypercall input page */
+/* The control page (its layout: vsm.py), VTL1's INPUT and VTL0's VP0_INPUT hypercall input pages, VP1_STACK and
+ * VP1_PORT come from the builder (--defsym, vsm.py guest_layout). */
 
 .macro HVCALL
 .if USE_VMMCALL

@@ -28,12 +28,20 @@ CODE_GPA = 0x100000
 DATA_GPA = 0x200000           # first page free for tests
 MEM_SIZE = 0x400000
 APIC_BASE_GVA = 0xFEE00000
+MMIO_GPA = 0xC0000000         # unbacked: the 3-4 GiB range PD_HIGH_GPA maps, where guest accesses exit as MMIO
+RO_GPA = 0x800000             # past MEM_SIZE: where tests add a read-only slot (basic.S ro_write)
+INSN_TARGET = DATA_GPA + 0x200   # insn_len.S: what every row reads or writes
+PIO_PORT = 0x3F8              # basic.S and basic32.S: the port of their PIO rows
 
 UCALL_PORT = 0xE9
 KERNEL_CS, KERNEL_DS, CODE32_CS, DATA32_DS, USER_CS, USER_DS, TSS_SEL = 0x08, 0x10, 0x18, 0x20, 0x2B, 0x33, 0x38
 
 UCALL_SYNC, UCALL_ASSERT, UCALL_DONE, UCALL_EXCEPTION = 1, 2, 3, 4
 UCALL_NAMES = {1: "SYNC", 2: "ASSERT", 3: "DONE", 4: "EXCEPTION"}
+# The ucall area at UCALL_GPA: the command (u64), then its arguments (u64 each), the RIP an exception report
+# resumes at, and the interrupt counts (u32 a vector).
+UCALL_ARGS_OFF = 8
+UCALL_ARGS = [UCALL_GPA + UCALL_ARGS_OFF + 8 * i for i in range(4)]   # UCALL_ARG0-3 in the payloads
 UCALL_RESUME_OFF = 64
 UCALL_IRQ_COUNTS_OFF = 0x100
 
@@ -52,15 +60,21 @@ RFLAGS_FIXED, RFLAGS_IF = 0x2, 0x200
 
 
 def layout_defines() -> dict[str, int]:
-    """The layout constants payloads see as symbols."""
+    """The layout constants payloads see as symbols (--defsym): the one table of the guest addresses, ports,
+    selectors and ucall slots that both the harness and the payloads (common*.inc, basic*.S, insn_len.S) use."""
     return {"UCALL_GPA": UCALL_GPA, "UCALL_PORT": UCALL_PORT, "USER_CS": USER_CS, "USER_DS": USER_DS,
             "USER_STACK_TOP": USER_STACK_TOP, "APIC_BASE_GVA": APIC_BASE_GVA, "DATA_GPA": DATA_GPA,
-            "CODE_GPA": CODE_GPA, "STACK_TOP": STACK_TOP}
+            "CODE_GPA": CODE_GPA, "STACK_TOP": STACK_TOP,
+            "UCALL_SYNC": UCALL_SYNC, "UCALL_ASSERT": UCALL_ASSERT, "UCALL_DONE": UCALL_DONE,
+            "UCALL_EXCEPTION": UCALL_EXCEPTION,
+            **{f"UCALL_ARG{i}": gpa for i, gpa in enumerate(UCALL_ARGS)},
+            "UCALL_RESUME": UCALL_GPA + UCALL_RESUME_OFF, "UCALL_IRQ_COUNTS": UCALL_GPA + UCALL_IRQ_COUNTS_OFF,
+            "MMIO_GPA": MMIO_GPA, "RO_GPA": RO_GPA, "INSN_TARGET": INSN_TARGET, "PIO_PORT": PIO_PORT}
 
 
-def load_payload(name: str, bits: int = 64) -> asm.Payload:
-    """Assemble guestasm/<name>.S for the standard layout."""
-    return asm.assemble(name, bits=bits, base=CODE_GPA, defines=layout_defines())
+def load_payload(name: str, bits: int = 64, defines: dict[str, int] | None = None) -> asm.Payload:
+    """Assemble guestasm/<name>.S for the standard layout, with `defines` on top of layout_defines()."""
+    return asm.assemble(name, bits=bits, base=CODE_GPA, defines={**layout_defines(), **(defines or {})})
 
 
 @dataclass
@@ -234,8 +248,8 @@ class Machine:
         return vcpu
 
 
-def build(vm: Vm, payload: asm.Payload, *, entry: str = "_start", bits: int = 64,
-          mem_size: int = MEM_SIZE, cpuid: list[dict] | None = None, vcpus: int = 1) -> Machine:
+def build_machine(vm: Vm, payload: asm.Payload, *, entry: str = "_start", bits: int = 64,
+                  mem_size: int = MEM_SIZE, cpuid: list[dict] | None = None, vcpus: int = 1) -> Machine:
     """Lay out guest memory in slot 0, load `payload`, and create `vcpus` vCPUs at `entry`."""
     vm.set_tss_addr()
     mem = vm.add_region(0, 0, mem_size)
@@ -268,5 +282,5 @@ def _page_tables(mem: object, mem_size: int) -> None:
         mem.write(pt, b"".join(struct.pack("<Q", ((i * 512 + j) * PAGE) | flags) for j in range(512)))
     mem.write(PD_GPA + n_pts * 8, b"".join(struct.pack("<Q", (i * 0x200000) | flags | PTE_PS)
                                            for i in range(n_pts, 512)))
-    mem.write(PD_HIGH_GPA, b"".join(struct.pack("<Q", (0xC0000000 + i * 0x200000) | flags | PTE_PS | PTE_PCD)
+    mem.write(PD_HIGH_GPA, b"".join(struct.pack("<Q", (MMIO_GPA + i * 0x200000) | flags | PTE_PS | PTE_PCD)
                                     for i in range(512)))

@@ -56,6 +56,47 @@ def tdp() -> str:
     return f"{'on' if on else 'off'} ({name}={value}{mmu_note})"
 
 
+def module_param(module: str, name: str) -> str | None:
+    """/sys/module/<module>/parameters/<name>, or None where the module or the parameter is absent."""
+    return _read(f"/sys/module/{module}/parameters/{name}")
+
+
+def _on(value: str | None) -> bool:
+    return value in ("Y", "1")
+
+
+def tdp_on() -> bool | None:
+    """TDP (EPT/NPT) on, off, or None where the vendor module does not say."""
+    setting = tdp_setting()
+    return None if setting is None else _on(setting[1])
+
+
+def require_tdp() -> None:
+    """Catalog C assumes TDP: under shadow paging a supervisor read of an NR page is not denied."""
+    from .kvm import Unavailable      # here, not at the top: host stays importable without the cffi bindings
+
+    state = tdp_on()
+    if state is None:
+        raise Unavailable(f"needs TDP (EPT/NPT); cannot tell from {vendor_module()}")
+    if not state:
+        raise Unavailable("needs TDP: kvm_intel.ept / kvm_amd.npt is off (shadow paging checks NR only at CPL 3)")
+
+
+def intel_ept() -> bool:
+    """Intel VMX with EPT: the only hosts where insn_len is the instruction length (P10)."""
+    return cpu_vendor() == "GenuineIntel" and _on(module_param("kvm_intel", "ept"))
+
+
+def intel_ept_ad() -> bool:
+    """EPT accessed/dirty flags on: guest paging-structure accesses then count as EPT writes (SDM)."""
+    return intel_ept() and _on(module_param("kvm_intel", "eptad"))
+
+
+def amd_npt() -> bool:
+    """AMD (or Hygon) SVM with NPT."""
+    return cpu_vendor() in ("AuthenticAMD", "HygonGenuine") and _on(module_param("kvm_amd", "npt"))
+
+
 def qemu_accel(cmdline: str | None = None) -> str | None:
     """The QEMU accelerator (tcg, kvm) under kvmtests qualify, or bochs for its Bochs runs, else None."""
     accel = os.environ.get("KVMTESTS_ACCEL")

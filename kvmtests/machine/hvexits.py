@@ -1,7 +1,7 @@
 """Whole-exit checks shared by every Hyper-V row: a hypercall's KVM_EXIT_HYPERV/HCALL, what the guest resumes with
 after the call is answered (by userspace or in the kernel), and the WAKEUP exit of KVM_MP_STATE_HV_INACTIVE_VTL.
 A row that provokes one of them gets every field checked, not only the one it is about. The checks take what the
-driver observed (hyperv.Outcome, Wakeup), so crafted observations test them without a kernel.
+driver observed (hyperv.HcallOutcome, Wakeup), so crafted observations test them without a kernel.
 
 Expected values: spec section 2 (P01, P04, P05) and catalog 81, 82, 97, 100, 126, 127, 134; for the registers, the
 TLFS's volatile registers (a hypercall changes RAX, or EDX:EAX, and the registers of its fast output only; rep calls
@@ -30,7 +30,7 @@ from kvmtests import hvtlfs, uapi
 
 from . import guest, hyperv, memfault
 from .exits import describe
-from .hyperv import RAX_SENTINEL, XMM_SEED, XMM_SENTINEL, Call, Outcome, Xmm
+from .hyperv import RAX_SENTINEL, XMM_SEED, XMM_SENTINEL, Call, HcallOutcome, Xmm
 from .kvm import Vcpu
 
 SENTINEL32, SENTINEL64 = 0xA5A5A5A5, 0x5AA55AA55AA55AA5   # system_event before a state-11 run
@@ -85,7 +85,7 @@ def _reg_text(name: str, value: int) -> str:
 
 # --- the exit ----------------------------------------------------------------------------------------------------
 
-def exit_fields(out: Outcome, call: Call, capture: bool | None) -> list[Wrong]:
+def exit_fields(out: HcallOutcome, call: Call, capture: bool | None) -> list[Wrong]:
     """Every checked field of a KVM_EXIT_HYPERV/HCALL against the call that made it; `capture`: P01 is there (True),
     is not (False), cannot be told (None)."""
     group = hyperv.code_group(call.code)
@@ -118,7 +118,7 @@ def _xmm_capture(xmm: list[Xmm], call: Call, capture: bool | None) -> list[Wrong
     return wrong
 
 
-def expect_exit(out: Outcome, n: int, capture: bool | None) -> None:
+def expect_exit(out: HcallOutcome, n: int, capture: bool | None) -> None:
     """The call exited to userspace as KVM_EXIT_HYPERV/HCALL, every field as the spec says (catalog row n)."""
     call = out.call
     assert out.exited, f"catalog {n}: control {call.control:#x}: expected KVM_EXIT_HYPERV/HCALL, got {out}"
@@ -142,7 +142,7 @@ def _kvm_regs(regs: dict[str, int], call: Call, status: int, group: str) -> list
             for name in hyperv.REG_NAMES if regs[name] != want[name]]
 
 
-def resumed_fields(out: Outcome, status: int, xmm: list[Xmm], group: str | None) -> list[Wrong]:
+def resumed_fields(out: HcallOutcome, status: int, xmm: list[Xmm], group: str | None) -> list[Wrong]:
     """What the guest reports after the call: RAX (EDX:EAX) = status, RCX, RDX, R8 and RFLAGS as it issued them
     (RCX intact also shows RIP advanced by exactly 3, hcall.S), XMM0-5 = xmm, XMM6-15 and MXCSR as seeded."""
     call = out.call
@@ -165,7 +165,7 @@ def resumed_fields(out: Outcome, status: int, xmm: list[Xmm], group: str | None)
     return wrong
 
 
-def expect_completion(out: Outcome, n: int, status: int, xmm: list[Xmm] | None = None) -> None:
+def expect_completion(out: HcallOutcome, n: int, status: int, xmm: list[Xmm] | None = None) -> None:
     """After userspace completed the exit: RIP past the VMCALL, RAX (EDX:EAX) = status (RAX_SENTINEL: not written),
     XMM0-5 = xmm (default: unchanged) and every other register as the guest issued the call, in KVM's registers and
     as the guest saw them."""
@@ -176,7 +176,7 @@ def expect_completion(out: Outcome, n: int, status: int, xmm: list[Xmm] | None =
                n, f"completion of control {call.control:#x}")
 
 
-def expect_status(out: Outcome, n: int, status: int) -> None:
+def expect_status(out: HcallOutcome, n: int, status: int) -> None:
     """No exit: the kernel answered `status` in RAX (RAX_SENTINEL: none written) and the guest resumed right after
     the call with nothing else changed."""
     call = out.call
@@ -216,7 +216,7 @@ def observe_wakeup(vcpu: Vcpu, timeout: float = 5.0) -> Wakeup:
     ex = vcpu.run(timeout)
     after, lapic = vcpu.get_regs(), vcpu.get_lapic()
     return Wakeup(ex.ret, run.exit_reason, event.type, event.ndata, [event.data[i] for i in range(16)],
-                  describe(vcpu), (before.rip, before.rflags), (after.rip, after.rflags), vcpu.get_mp_state()[0],
+                  describe(vcpu), (before.rip, before.rflags), (after.rip, after.rflags), vcpu.get_mp_state_raw()[0],
                   hyperv.lapic_vectors(lapic, hyperv.LAPIC_IRR), hyperv.lapic_vectors(lapic, hyperv.LAPIC_ISR))
 
 

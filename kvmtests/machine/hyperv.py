@@ -14,14 +14,19 @@ REGS_IN_GPA = guest.UCALL_GPA + 0x800    # hcall.S: the FXSAVE image the guest r
 REGS_OUT_GPA = guest.UCALL_GPA + 0xA00   # hcall.S: its FXSAVE image after the call, then RDX, R8, RFLAGS
 FXSAVE_SIZE, FX_FCW, FX_MXCSR, FX_XMM = 512, 0, 24, 160   # SDM: FXSAVE image layout
 FCW_DEFAULT = 0x37F
-REPORT_SIZE = FXSAVE_SIZE + 24
+REPORT_RDX, REPORT_R8, REPORT_RFLAGS = FXSAVE_SIZE, FXSAVE_SIZE + 8, FXSAVE_SIZE + 16   # REGS_OUT after the image
+REPORT_SIZE = REPORT_RFLAGS + 8
+# What hcall*.S get as --defsym on top of guest.layout_defines(): the one definition of their report areas.
+HCALL_DEFINES = {"REGS_IN": REGS_IN_GPA, "REGS_OUT": REGS_OUT_GPA, "REPORT_RDX": REPORT_RDX, "REPORT_R8": REPORT_R8,
+                 "REPORT_RFLAGS": REPORT_RFLAGS}
 INPUT_GPA = guest.DATA_GPA          # slow hypercalls' input page
 RAX_SENTINEL = 0x5A5A5A5A5A5A5A5A
 RBX_SENTINEL = 0x3C3C3C3C3C3C3C3C   # non-zero, so that a VMMCALL tail (add %ebx,%ecx) would show in RCX
 RFLAGS_SEED = 0x8D7                 # CF PF AF ZF SF OF and the fixed bit 1; IF clear: no flag is the reset value
 MXCSR_SEED = 0x7F80                 # all exceptions masked, round toward zero: not the reset value 0x1F80
 EXIT_REASON_SENTINEL = 0xFFFFFFFF
-HYPERV_EXIT = (32, 136)             # kvm_run offset and size of struct kvm_hyperv_exit (P01 layout)
+# kvm_run offset and size of struct kvm_hyperv_exit (P01 layout), from uapi's definitions
+HYPERV_EXIT = (uapi.ffi.offsetof("struct kvm_run", "x"), uapi.ffi.sizeof("struct kvm_hyperv_exit"))
 SENTINEL = 0xA5                     # fills HYPERV_EXIT before every run
 LAPIC_SVR, LAPIC_SVR_ENABLE = 0xF0, 1 << 8
 LAPIC_ISR, LAPIC_IRR = 0x100, 0x200
@@ -121,7 +126,7 @@ class HvMachine:
 
 def hv_cpuid(kvm: Kvm, vcpu: object, bits: CpuidBits, *, signature: bool = True) -> list[dict]:
     """Base CPUID plus KVM's supported Hyper-V leaves, with the requested 0x40000003 bits switched."""
-    hv, err = vcpu.supported_hv_cpuid()
+    hv, err = vcpu.supported_hv_cpuid_raw()
     if err:
         raise Unavailable(f"KVM_GET_SUPPORTED_HV_CPUID failed on the vCPU ({uapi.errno_name(err)})")
     base = [e for e in kvm.supported_cpuid() if not 0x40000000 <= e["function"] <= 0x400000FF]
@@ -137,24 +142,25 @@ def hv_cpuid(kvm: Kvm, vcpu: object, bits: CpuidBits, *, signature: bool = True)
     return base + out
 
 
-def build(vm: Vm, bits: CpuidBits | None = None, *, enforce_cpuid: bool = False, irqchip: bool = True,
-          guest_os_id: int = hvtlfs.GUEST_OS_ID_LINUX, mode: int = 64, vcpus: int = 1) -> HvMachine:
+def build_hv_machine(vm: Vm, bits: CpuidBits | None = None, *, enforce_cpuid: bool = False,
+                     irqchip: bool = True, guest_os_id: int = hvtlfs.GUEST_OS_ID_LINUX, mode: int = 64,
+                     vcpus: int = 1) -> HvMachine:
     """A Hyper-V guest running the hypercall payload (spec section 1 prerequisites)."""
     require_hyperv(vm.kvm)
     if irqchip:
-        ret, err = vm.create_irqchip()
+        ret, err = vm.create_irqchip_raw()
         if ret < 0:
             raise Unavailable(f"KVM_CREATE_IRQCHIP failed ({uapi.errno_name(err)})")
-    payload = guest.load_payload("hcall" if mode == 64 else "hcall32", bits=mode)
+    payload = guest.load_payload("hcall" if mode == 64 else "hcall32", bits=mode, defines=HCALL_DEFINES)
     vmmcall = host_uses_vmmcall()
-    machine = guest.build(vm, payload, entry=f"hcall_{'vmmcall' if vmmcall else 'vmcall'}", bits=mode,
-                          vcpus=vcpus)
+    machine = guest.build_machine(vm, payload, entry=f"hcall_{'vmmcall' if vmmcall else 'vmcall'}", bits=mode,
+                                  vcpus=vcpus)
     hvm = HvMachine(machine, vmmcall)
     for vcpu in machine.vcpus:
         hvm.cpuid = hv_cpuid(vm.kvm, vcpu, bits or CpuidBits())
         vcpu.set_cpuid(hvm.cpuid)
         if enforce_cpuid:
-            ret, err = vcpu.enable_cap(uapi.KVM_CAP_HYPERV_ENFORCE_CPUID, 1)
+            ret, err = vcpu.enable_cap_raw(uapi.KVM_CAP_HYPERV_ENFORCE_CPUID, 1)
             if ret < 0:
                 raise Unavailable(f"kernel lacks KVM_CAP_HYPERV_ENFORCE_CPUID ({uapi.errno_name(err)})")
         if irqchip:
@@ -173,7 +179,7 @@ def enable_lapic(vcpu: object) -> None:
 
 
 @dataclass
-class Outcome:
+class HcallOutcome:
     """What a hypercall did: exited to userspace, completed in the guest, or raised an exception."""
 
     call: Call | None = None
@@ -217,18 +223,18 @@ def _fxsave_image(xmm: list[Xmm]) -> bytes:
     return bytes(image)
 
 
-def _resumed(m: guest.Machine, call: Call, uc: guest.Ucall) -> Outcome:
+def _resumed(m: guest.Machine, call: Call, uc: guest.Ucall) -> HcallOutcome:
     """The registers the guest reported after the call (hcall.S: RAX, RCX in the ucall, the rest in REGS_OUT)."""
     if m.bits == 32:
-        return Outcome(call, completed=True, rax=uc.args[1], rdx=m.run_until(guest.UCALL_SYNC).args[1])
+        return HcallOutcome(call, completed=True, rax=uc.args[1], rdx=m.run_until(guest.UCALL_SYNC).args[1])
     raw = m.mem.read(REGS_OUT_GPA, REPORT_SIZE)
     rdx, r8, rflags = struct.unpack_from("<QQQ", raw, FXSAVE_SIZE)
-    return Outcome(call, completed=True, rax=uc.args[1], rcx=uc.args[2], rdx=rdx, r8=r8, rflags=rflags,
-                   xmm_after=[struct.unpack_from("<QQ", raw, FX_XMM + 16 * i) for i in range(16)],
-                   mxcsr=struct.unpack_from("<I", raw, FX_MXCSR)[0])
+    return HcallOutcome(call, completed=True, rax=uc.args[1], rcx=uc.args[2], rdx=rdx, r8=r8, rflags=rflags,
+                        xmm_after=[struct.unpack_from("<QQ", raw, FX_XMM + 16 * i) for i in range(16)],
+                        mxcsr=struct.unpack_from("<I", raw, FX_MXCSR)[0])
 
 
-def _observe(hvm: HvMachine, timeout: float) -> Outcome:
+def _observe(hvm: HvMachine, timeout: float) -> HcallOutcome:
     """One KVM_RUN with sentinels in exit_reason and the whole hyperv exit, decoded."""
     m, vcpu, call = hvm.machine, hvm.machine.vcpu, hvm.call
     vcpu.run_struct.exit_reason = EXIT_REASON_SENTINEL
@@ -237,18 +243,18 @@ def _observe(hvm: HvMachine, timeout: float) -> Outcome:
     ex = vcpu.run(timeout)
     if ex.ret == 0 and ex.reason == uapi.KVM_EXIT_HYPERV and vcpu.run_struct.x.hyperv.type == uapi.KVM_EXIT_HYPERV_HCALL:
         h = vcpu.run_struct.x.hyperv.u.hcall
-        return Outcome(call, exited=True, input=h.input, result=h.result, params=(h.params[0], h.params[1]),
-                       xmm=[(h.xmm[i].low, h.xmm[i].high) for i in range(6)])
+        return HcallOutcome(call, exited=True, input=h.input, result=h.result, params=(h.params[0], h.params[1]),
+                            xmm=[(h.xmm[i].low, h.xmm[i].high) for i in range(6)])
     uc = m.ucall()
     if uc and uc.cmd == guest.UCALL_SYNC and uc.args[0] == 1:
         return _resumed(m, call, uc)
     if uc and uc.cmd == guest.UCALL_EXCEPTION:
-        return Outcome(call, exception=uc.args[0], rip=uc.args[2])
-    return Outcome(call, detail=m.describe())
+        return HcallOutcome(call, exception=uc.args[0], rip=uc.args[2])
+    return HcallOutcome(call, detail=m.describe())
 
 
 def hypercall(hvm: HvMachine, control: int, rdx: int = 0, r8: int = 0, *, xmm: list[Xmm] | None = None,
-              rax: int = RAX_SENTINEL, entry: str = "hcall", timeout: float = 5.0) -> Outcome:
+              rax: int = RAX_SENTINEL, entry: str = "hcall", timeout: float = 5.0) -> HcallOutcome:
     """Issue one hypercall from the guest (64-bit: RCX/RDX/R8 and XMM0-5, with XMM6-15, MXCSR and RFLAGS seeded so
     that a completion touching them shows; 32-bit: EDX:EAX, EBX:ECX, EDI:ESI, no XMM)."""
     m = hvm.machine
@@ -275,7 +281,7 @@ def _snapshot(regs: object) -> dict[str, int]:
 
 
 def complete(hvm: HvMachine, result: int, *, xmm: list[Xmm] | None = None, input: int | None = None,
-             timeout: float = 5.0) -> Outcome:
+             timeout: float = 5.0) -> HcallOutcome:
     """Finish a userspace hypercall exit: write hcall.result (and xmm/input), let KVM complete it without
     entering the guest (immediate_exit, api.rst) to read RIP/RAX/RDX, then resume and observe."""
     vcpu = hvm.vcpu
@@ -287,15 +293,15 @@ def complete(hvm: HvMachine, result: int, *, xmm: list[Xmm] | None = None, input
         h.xmm[i].low, h.xmm[i].high = lo, hi
     ex = vcpu.complete_exit(timeout)
     if not (ex.ret < 0 and ex.errno == errno.EINTR):
-        return Outcome(hvm.call,
-                       detail=f"KVM_RUN with immediate_exit to complete the hypercall: {hvm.machine.describe()}")
+        return HcallOutcome(hvm.call,
+                            detail=f"KVM_RUN with immediate_exit to complete the hypercall: {hvm.machine.describe()}")
     regs = _snapshot(vcpu.get_regs())
     out = _observe(hvm, timeout)
     out.completion = regs
     return out
 
 
-def resume_after_exception(hvm: HvMachine, timeout: float = 5.0) -> Outcome:
+def resume_after_exception(hvm: HvMachine, timeout: float = 5.0) -> HcallOutcome:
     """After a reported guest exception at the hypercall, continue after it: the guest stores XMM0-5 and
     reports RAX, so an injected #UD can be checked for what it left unwritten."""
     hvm.machine.set_resume(hvm.after)

@@ -1,4 +1,8 @@
-"""KVM objects: /dev/kvm, VMs, memory regions and vCPUs; raw calls return (ret, errno)."""
+"""KVM objects: /dev/kvm, VMs, memory regions and vCPUs.
+
+One convention for every wrapper: `name()` raises KvmError naming the ioctl and the errno; `name_raw()`
+returns the call as is, `(ret, errno)`.
+"""
 from __future__ import annotations
 
 import errno
@@ -85,9 +89,12 @@ class Kvm:
     def supported_cpuid(self) -> list[dict]:
         return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")[0]
 
-    def supported_hv_cpuid(self) -> tuple[list[dict], int]:
+    def supported_hv_cpuid_raw(self) -> tuple[list[dict], int]:
         """KVM_GET_SUPPORTED_HV_CPUID on /dev/kvm: (entries, errno)."""
         return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_HV_CPUID, None)
+
+    def supported_hv_cpuid(self) -> list[dict]:
+        return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_HV_CPUID, "KVM_GET_SUPPORTED_HV_CPUID on /dev/kvm")[0]
 
 
 CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
@@ -204,10 +211,15 @@ class Vm:
                           "guest_memfd_offset": guest_memfd_offset})
         return ioctl(self.fd, uapi.KVM_SET_USER_MEMORY_REGION2, region)
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> tuple[int, int]:
+    def create_guest_memfd_raw(self, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_CREATE_GUEST_MEMFD: (fd, errno); the caller closes the fd."""
         return ioctl(self.fd, uapi.KVM_CREATE_GUEST_MEMFD,
                      ffi.new("struct kvm_create_guest_memfd *", {"size": size, "flags": flags}))
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """KVM_CREATE_GUEST_MEMFD: the fd, which the caller closes."""
+        return _check(f"KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {flags:#x})",
+                      self.create_guest_memfd_raw(size, flags))
 
     def add_region(self, slot: int, gpa: int, size: int, flags: int = 0, thp: bool = False) -> MemRegion:
         region = MemRegion(self, slot, gpa, size, flags, thp)
@@ -236,25 +248,42 @@ class Vm:
     def set_tss_addr(self, gpa: int = 0xFFFBD000) -> None:
         _check("KVM_SET_TSS_ADDR", ioctl(self.fd, uapi.KVM_SET_TSS_ADDR, gpa))
 
-    def create_irqchip(self) -> tuple[int, int]:
+    def create_irqchip_raw(self) -> tuple[int, int]:
+        """KVM_CREATE_IRQCHIP as is."""
         return ioctl(self.fd, uapi.KVM_CREATE_IRQCHIP)
 
-    def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0) -> tuple[int, int]:
+    def create_irqchip(self) -> None:
+        _check("KVM_CREATE_IRQCHIP", self.create_irqchip_raw())
+
+    def set_memory_attributes_raw(self, gpa: int, size: int, attributes: int, flags: int = 0) -> tuple[int, int]:
         """KVM_SET_MEMORY_ATTRIBUTES as is."""
         attrs = ffi.new(_ATTRS, (gpa, size, attributes, flags))   # field order of the struct
         ret = _libc.ioctl(self.fd, _KVM_SET_MEMORY_ATTRIBUTES, attrs)
         return (ret, ffi.errno if ret < 0 else 0)
 
-    def signal_msi(self, address: int, data: int, flags: int = 0) -> tuple[int, int]:
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0) -> None:
+        _check(f"KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, attributes {attributes:#x})",
+               self.set_memory_attributes_raw(gpa, size, attributes, flags))
+
+    def signal_msi_raw(self, address: int, data: int, flags: int = 0) -> tuple[int, int]:
+        """KVM_SIGNAL_MSI as is (a positive ret: the MSI was delivered; 0: the guest blocked it)."""
         msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
                                            "data": data, "flags": flags})
         return ioctl(self.fd, uapi.KVM_SIGNAL_MSI, msi)
 
-    def enable_cap(self, cap: int, *args: int) -> tuple[int, int]:
+    def signal_msi(self, address: int, data: int, flags: int = 0) -> int:
+        return _check(f"KVM_SIGNAL_MSI(address {address:#x}, data {data:#x})",
+                      self.signal_msi_raw(address, data, flags))
+
+    def enable_cap_raw(self, cap: int, *args: int) -> tuple[int, int]:
+        """KVM_ENABLE_CAP on the VM fd as is."""
         return ioctl(self.fd, uapi.KVM_ENABLE_CAP, _enable_cap(cap, args))
 
-    def set_msr_filter(self, flags: int, ranges: Iterable[tuple[int, int, int, bytes]]) -> tuple[int, int]:
-        """KVM_X86_SET_MSR_FILTER with (flags, base, nmsrs, bitmap) ranges."""
+    def enable_cap(self, cap: int, *args: int) -> None:
+        _check(f"KVM_ENABLE_CAP({cap}) on the VM", self.enable_cap_raw(cap, *args))
+
+    def set_msr_filter_raw(self, flags: int, ranges: Iterable[tuple[int, int, int, bytes]]) -> tuple[int, int]:
+        """KVM_X86_SET_MSR_FILTER with (flags, base, nmsrs, bitmap) ranges, as is."""
         filt = ffi.new("struct kvm_msr_filter *", {"flags": flags})
         keep = []
         for i, (rflags, base, nmsrs, bitmap) in enumerate(ranges):
@@ -262,6 +291,9 @@ class Vm:
             keep.append(bits)
             filt.ranges[i] = {"flags": rflags, "nmsrs": nmsrs, "base": base, "bitmap": bits}
         return ioctl(self.fd, uapi.KVM_X86_SET_MSR_FILTER, filt)
+
+    def set_msr_filter(self, flags: int, ranges: Iterable[tuple[int, int, int, bytes]]) -> None:
+        _check("KVM_X86_SET_MSR_FILTER", self.set_msr_filter_raw(flags, ranges))
 
     def create_vcpu_raw(self, vcpu_id: int) -> tuple[int, int]:
         return ioctl(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id)
@@ -404,17 +436,32 @@ class Vcpu:
     def set_events(self, events: object) -> None:
         _check("KVM_SET_VCPU_EVENTS", ioctl(self.fd, uapi.KVM_SET_VCPU_EVENTS, events))
 
-    def nmi(self) -> tuple[int, int]:
+    def nmi_raw(self) -> tuple[int, int]:
+        """KVM_NMI as is."""
         return ioctl(self.fd, uapi.KVM_NMI)
 
-    def get_mp_state(self) -> tuple[int, int]:
+    def nmi(self) -> None:
+        _check("KVM_NMI", self.nmi_raw())
+
+    def get_mp_state_raw(self) -> tuple[int, int]:
         """KVM_GET_MP_STATE: (state or -1, errno)."""
         st = ffi.new("struct kvm_mp_state *")
         ret, err = ioctl(self.fd, uapi.KVM_GET_MP_STATE, st)
         return (st.mp_state if ret == 0 else -1, err)
 
-    def set_mp_state(self, state: int) -> tuple[int, int]:
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: the state."""
+        state, err = self.get_mp_state_raw()
+        if state < 0:
+            _check("KVM_GET_MP_STATE", (-1, err))
+        return state
+
+    def set_mp_state_raw(self, state: int) -> tuple[int, int]:
+        """KVM_SET_MP_STATE as is."""
         return ioctl(self.fd, uapi.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    def set_mp_state(self, state: int) -> None:
+        _check(f"KVM_SET_MP_STATE({state})", self.set_mp_state_raw(state))
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS; only the MSRs KVM returned are in the result."""
@@ -450,9 +497,16 @@ class Vcpu:
     def get_cpuid(self) -> list[dict]:
         return _get_cpuid2(self.fd, uapi.KVM_GET_CPUID2, "KVM_GET_CPUID2")[0]
 
-    def supported_hv_cpuid(self) -> tuple[list[dict], int]:
+    def supported_hv_cpuid_raw(self) -> tuple[list[dict], int]:
         """KVM_GET_SUPPORTED_HV_CPUID on the vCPU fd: (entries, errno)."""
         return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_HV_CPUID, None)
 
-    def enable_cap(self, cap: int, *args: int) -> tuple[int, int]:
+    def supported_hv_cpuid(self) -> list[dict]:
+        return _get_cpuid2(self.fd, uapi.KVM_GET_SUPPORTED_HV_CPUID, f"KVM_GET_SUPPORTED_HV_CPUID on vCPU {self.id}")[0]
+
+    def enable_cap_raw(self, cap: int, *args: int) -> tuple[int, int]:
+        """KVM_ENABLE_CAP on the vCPU fd as is."""
         return ioctl(self.fd, uapi.KVM_ENABLE_CAP, _enable_cap(cap, args))
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        _check(f"KVM_ENABLE_CAP({cap}) on vCPU {self.id}", self.enable_cap_raw(cap, *args))

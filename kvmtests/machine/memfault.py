@@ -1,4 +1,4 @@
-"""Memory-attribute and memory-fault helpers: on-demand guest accesses, decoded fault exits, host paging."""
+"""Memory-attribute and memory-fault helpers: on-demand guest accesses and decoded fault exits."""
 from __future__ import annotations
 
 import errno
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from kvmtests import uapi
 
-from . import guest, host
+from . import guest
 from .kvm import Unavailable, Vcpu, Vm
 
 PAGE = 0x1000
@@ -47,14 +47,14 @@ def valid_values(patched: bool, private_vm: bool) -> frozenset[int]:
 
 def require_ioctl(vm: Vm) -> None:
     """Skip where the kernel has no KVM_SET_MEMORY_ATTRIBUTES at all."""
-    _, err = vm.set_memory_attributes(0x700000000, PAGE, 0)
+    _, err = vm.set_memory_attributes_raw(0x700000000, PAGE, 0)
     if err == errno.ENOTTY:
         raise Unavailable("kernel lacks KVM_SET_MEMORY_ATTRIBUTES (ENOTTY: CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES is off)")
 
 
 def set_attrs(vm: Vm, gpa: int, size: int, value: int, row: int) -> None:
     """KVM_SET_MEMORY_ATTRIBUTES that the test relies on: anything but 0 fails the test with the row."""
-    ret, err = vm.set_memory_attributes(gpa, size, value)
+    ret, err = vm.set_memory_attributes_raw(gpa, size, value)
     assert ret == 0, (f"catalog {row}: KVM_SET_MEMORY_ATTRIBUTES(gpa {gpa:#x}, size {size:#x}, {attr_names(value)}) "
                       f"returned {ret}/{uapi.errno_name(err)}, expected 0")
 
@@ -64,50 +64,6 @@ def sw_protected_vm_type(kvm: object) -> int:
     if not kvm.check_extension(uapi.KVM_CAP_VM_TYPES) & (1 << uapi.KVM_X86_SW_PROTECTED_VM):
         raise Unavailable("needs KVM_X86_SW_PROTECTED_VM (CONFIG_KVM_SW_PROTECTED_VM): KVM_CAP_VM_TYPES lacks bit 1")
     return uapi.KVM_X86_SW_PROTECTED_VM
-
-
-# --- host paging mode ----------------------------------------------------------------------------
-
-def _param(module: str, name: str) -> str | None:
-    try:
-        with open(f"/sys/module/{module}/parameters/{name}") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _on(value: str | None) -> bool:
-    return value in ("Y", "1")
-
-
-def tdp() -> bool | None:
-    """TDP (EPT/NPT) on, off, or None where the vendor module does not say."""
-    setting = host.tdp_setting()
-    return None if setting is None else _on(setting[1])
-
-
-def require_tdp() -> None:
-    """Catalog C assumes TDP: under shadow paging a supervisor read of an NR page is not denied."""
-    state = tdp()
-    if state is None:
-        raise Unavailable(f"needs TDP (EPT/NPT); cannot tell from {host.vendor_module()}")
-    if not state:
-        raise Unavailable("needs TDP: kvm_intel.ept / kvm_amd.npt is off (shadow paging checks NR only at CPL 3)")
-
-
-def intel_ept() -> bool:
-    """Intel VMX with EPT: the only hosts where insn_len is the instruction length (P10)."""
-    return host.cpu_vendor() == "GenuineIntel" and _on(_param("kvm_intel", "ept"))
-
-
-def intel_ept_ad() -> bool:
-    """EPT accessed/dirty flags on: guest paging-structure accesses then count as EPT writes (SDM)."""
-    return intel_ept() and _on(_param("kvm_intel", "eptad"))
-
-
-def amd_npt() -> bool:
-    """AMD (or Hygon) SVM with NPT."""
-    return host.cpu_vendor() in ("AuthenticAMD", "HygonGenuine") and _on(_param("kvm_amd", "npt"))
 
 
 # --- guest accesses ------------------------------------------------------------------------------
@@ -173,7 +129,7 @@ class FaultRule:
 
 
 @dataclass
-class Outcome:
+class FaultOutcome:
     """What one guest access did: completed (with the value read), a memory-fault exit, or else; where RIP stopped
     and what the accessed bytes held before and after the run."""
 
@@ -220,7 +176,7 @@ def run_for_fault(m: guest.Machine, vcpu: Vcpu | None = None, timeout: float = 5
 
 
 def run_access(m: guest.Machine, kind: str, gpa: int, insn: str, end: str, stage: int, rule: FaultRule,
-               vcpu: Vcpu | None = None, written: int | None = None) -> Outcome:
+               vcpu: Vcpu | None = None, written: int | None = None) -> FaultOutcome:
     """One armed KVM_RUN through the access to `gpa` at label `insn` (to `end`), which reports SYNC(stage) once done:
     everything the shared checks compare."""
     vcpu = vcpu or m.vcpu
@@ -229,8 +185,8 @@ def run_access(m: guest.Machine, kind: str, gpa: int, insn: str, end: str, stage
     uc = m.ucall(vcpu)
     done = uc is not None and uc.cmd == guest.UCALL_SYNC and uc.args[0] == stage
     at, length = (gpa, None) if kind == EXEC else (m.sym(insn), m.payload.length(insn, end))
-    return Outcome(kind, gpa, done, uc.args[1] if done else None, fault, vcpu.get_regs().rip, m.describe(vcpu), at,
-                   (before, m.vm.read(gpa, ACCESS_BYTES)), written, length, rule, m.vm)
+    return FaultOutcome(kind, gpa, done, uc.args[1] if done else None, fault, vcpu.get_regs().rip, m.describe(vcpu), at,
+                        (before, m.vm.read(gpa, ACCESS_BYTES)), written, length, rule, m.vm)
 
 
 class Prober:
@@ -239,7 +195,7 @@ class Prober:
     def __init__(self, machine: guest.Machine, rule: FaultRule = FaultRule()):
         self.m, self.rule = machine, rule
 
-    def access(self, kind: str, gpa: int, value: int = 0, vcpu: Vcpu | None = None) -> Outcome:
+    def access(self, kind: str, gpa: int, value: int = 0, vcpu: Vcpu | None = None) -> FaultOutcome:
         """Point the vCPU at the access and run it once; a fault leaves RIP on the access."""
         vcpu = vcpu or self.m.vcpu
         regs = vcpu.get_regs()
@@ -248,7 +204,7 @@ class Prober:
         vcpu.set_regs(regs)
         return self.resume(kind, gpa, vcpu)
 
-    def resume(self, kind: str, gpa: int, vcpu: Vcpu | None = None) -> Outcome:
+    def resume(self, kind: str, gpa: int, vcpu: Vcpu | None = None) -> FaultOutcome:
         """Re-enter the vCPU where it stopped (e.g. after a fault) and decode what happened; a write stores RAX."""
         vcpu = vcpu or self.m.vcpu
         written = vcpu.get_regs().rax if kind in (WRITE, RMW) else None
@@ -263,7 +219,7 @@ class Prober:
 
 def build_prober(vm: Vm, vcpus: int = 1, rule: FaultRule = FaultRule()) -> Prober:
     """A machine running the mem.S payload with the standard layout."""
-    return Prober(guest.build(vm, guest.load_payload("mem"), vcpus=vcpus), rule)
+    return Prober(guest.build_machine(vm, guest.load_payload("mem"), vcpus=vcpus), rule)
 
 
 # Which group a wrong part of an exit is counted under (the plugin makes it an error of that group when the row
@@ -305,7 +261,7 @@ def _u64(data: bytes) -> int:
     return int.from_bytes(data, "little")
 
 
-def expect_fault(out: Outcome, kind: str, page: int, row: int | str, flags: int | None = None) -> Fault:
+def expect_fault(out: FaultOutcome, kind: str, page: int, row: int | str, flags: int | None = None) -> Fault:
     """The access must have ended in a memory-fault exit on `page` with the flag of its kind and every field right,
     RIP still on the instruction and memory as it was."""
     flags = FLAG_OF[kind] if flags is None else flags
@@ -325,7 +281,7 @@ def expect_fault(out: Outcome, kind: str, page: int, row: int | str, flags: int 
     return fault
 
 
-def expect_done(out: Outcome, row: int | str) -> None:
+def expect_done(out: FaultOutcome, row: int | str) -> None:
     """The access must have completed with its effect: a read returns what memory holds, a write leaves its value."""
     assert out.completed, f"catalog {row}: expected the {out.kind} to complete; {out}"
     after = _u64(out.memory[1])

@@ -55,13 +55,17 @@ START_CONTEXT = 16                              # TLFS hypercalls/hvcallstartvir
 CONTEXT_RIP, CONTEXT_RSP, CONTEXT_RFLAGS = 0, 8, 16                          # TLFS datatypes/hv_initial_vp_context
 CONTEXT_EFER, CONTEXT_CR0, CONTEXT_CR3, CONTEXT_CR4 = 184, 192, 200, 208     # TLFS datatypes/hv_initial_vp_context
 
-# The control page (vsm.S, which has the full layout), in VTL-shared memory: what the harness and tests read.
+# The control page in VTL-shared memory, its whole layout: what vsm.S writes (it gets these as --defsym,
+# guest_layout()) and the harness and tests read.
 CONTROL = guest.DATA_GPA
 ENTRY_REASON, RET_RAX, RET_RCX = CONTROL + 0x00, CONTROL + 0x08, CONTROL + 0x10
 MSG_TYPE, MSG_GPA, MSG_ACCESS = CONTROL + 0x20, CONTROL + 0x28, CONTROL + 0x30
 VTL1_ENTRIES, VTL1_INTERCEPTS, VTL1_INTERRUPTS = CONTROL + 0x40, CONTROL + 0x48, CONTROL + 0x50
-VTL1_STATUS, VTL1_GOT_RIP = CONTROL + 0x58, CONTROL + 0x60
-WRITES_DONE, VP1_RSP, VTL1_STATUS2 = CONTROL + 0x70, CONTROL + 0x80, CONTROL + 0x88
+VTL1_STATUS, VTL1_GOT_RIP = CONTROL + 0x58, CONTROL + 0x60   # VTL1's last own hypercall status; XMM1 low after
+WAKE_FLAG, WRITES_DONE, VP1_FLAG = CONTROL + 0x68, CONTROL + 0x70, CONTROL + 0x78   # GetVpRegisters(VTL0 RIP)
+VP1_RSP, VTL1_STATUS2 = CONTROL + 0x80, CONTROL + 0x88      # ... and the status of VTL1's second hypercall
+VTL0_HCALL, VTL1_HCALL = CONTROL + 0x90, CONTROL + 0x98     # NOTE_HCALL: a VTL's hypercall the VMM has not served
+INPUT, VP0_INPUT = guest.DATA_GPA + 0x1000, guest.DATA_GPA + 0x2000   # VTL1's and VTL0's hypercall input pages
 PROTECTED_PAGE = guest.DATA_GPA + 0x3000
 VP1_STACK = guest.STACK_TOP - 0x6000            # what vtl0_start_vp passes in the initial context
 VTL1_STACK = guest.STACK_TOP - 0x8000           # VTL1's private stack (RSP is not shared)
@@ -96,7 +100,7 @@ def _ok(result: tuple[int, int], what: str) -> None:
 
 def _set_state(vcpu: Vcpu, state: int, what: str) -> None:
     """KVM_SET_MP_STATE into state 11 or out of it, which every VTL switch relies on: mp_inactive_vtl's (P05)."""
-    ret, err = vcpu.set_mp_state(state)
+    ret, err = vcpu.set_mp_state_raw(state)
     if ret < 0:
         raise StepFailed("mp_inactive_vtl", f"{what}: {uapi.errno_name(err)}")
 
@@ -135,6 +139,7 @@ class VcpuThread:
         self.ident = self.thread.ident
 
     def _loop(self) -> None:
+        # The idle wait for the next job is unbounded on purpose: close() ends it with None, and bounds its join.
         while (job := self.jobs.get()) is not None:
             try:
                 job.value = job.fn(*job.args)
@@ -152,9 +157,14 @@ class VcpuThread:
         """End the vCPU's KVM_RUN (EINTR), or its next one if it is between runs."""
         watchdog.kick(self.vcpu.run_struct, self.ident)
 
-    def close(self) -> None:
+    def close(self, timeout: float = WAIT_LIMIT) -> None:
+        """Stop the thread once its queued jobs ran; HarnessError naming the thread if it has not ended in time (a
+        KVM_RUN no kick or watchdog ended): it still uses the vCPU, so the caller must not free the VM under it."""
         self.jobs.put(None)
-        self.thread.join()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise HarnessError(f"vCPU thread {self.thread.name} (vCPU {self.vcpu.id}) did not finish within "
+                               f"{timeout:g} s of being closed")
 
 
 @dataclass
@@ -202,6 +212,15 @@ def guest_readings() -> dict[str, int]:
             "CONTEXT_CR4": CONTEXT_CR4}
 
 
+def guest_layout() -> dict[str, int]:
+    """The guest addresses vsm.S shares with the harness (the control page, input pages, VP 1's stack and port)."""
+    names = ("CONTROL", "ENTRY_REASON", "RET_RAX", "RET_RCX", "MSG_TYPE", "MSG_GPA", "MSG_ACCESS", "VTL1_ENTRIES",
+             "VTL1_INTERCEPTS", "VTL1_INTERRUPTS", "VTL1_STATUS", "VTL1_GOT_RIP", "WAKE_FLAG", "WRITES_DONE",
+             "VP1_FLAG", "VP1_RSP", "VTL1_STATUS2", "VTL0_HCALL", "VTL1_HCALL", "INPUT", "VP0_INPUT", "VP1_STACK",
+             "VP1_PORT")
+    return {name: globals()[name] for name in names}
+
+
 def fast_input(hcall: object, xmm: list[tuple[int, int]]) -> bytes:
     """A fast hypercall's input as its memory form would hold it: RDX, R8, then XMM0-5 (TLFS hypercall-interface)."""
     return struct.pack("<QQ", hcall.params[0], hcall.params[1]) + b"".join(struct.pack("<QQ", lo, hi) for lo, hi in xmm)
@@ -223,7 +242,7 @@ def hcall_of(vcpu: Vcpu) -> object | None:
 
 # vsm.S NOTE_HCALL, in the control page beside vsm.S's layout: per VTL, the control word of a hypercall the guest made
 # that the VMM has not served. Every hypercall of vsm.S must exit, so a note left behind names one KVM answered itself.
-NOTED = {0: CONTROL + 0x90, 1: CONTROL + 0x98}
+NOTED = {0: VTL0_HCALL, 1: VTL1_HCALL}
 
 
 def served(mem: MemRegion, vtl: int, control: int) -> None:
@@ -283,7 +302,7 @@ class Vsm:
         hyperv.enable_lapic(vcpu)
 
     def _irqchip(self, vm: object) -> None:
-        ret, err = vm.create_irqchip()
+        ret, err = vm.create_irqchip_raw()
         if ret < 0:
             raise Unavailable(f"KVM_CREATE_IRQCHIP failed ({uapi.errno_name(err)})")
 
@@ -291,10 +310,11 @@ class Vsm:
         hyperv.require_hyperv(self.kvm)
         self.vmmcall = hyperv.host_uses_vmmcall()
         payload = asm.assemble("vsm", base=guest.CODE_GPA,
-                               defines={**guest.layout_defines(), **guest_readings(), "USE_VMMCALL": int(self.vmmcall)})
+                               defines={**guest.layout_defines(), **guest_layout(), **guest_readings(),
+                                        "USE_VMMCALL": int(self.vmmcall)})
         self.vm0 = self.kvm.create_vm()
         self._irqchip(self.vm0)
-        self.m0 = guest.build(self.vm0, payload, vcpus=vps)
+        self.m0 = guest.build_machine(self.vm0, payload, vcpus=vps)
         self.mem = self.m0.mem
         for vcpu in self.m0.vcpus:
             self._hv_vcpu(vcpu)
@@ -323,13 +343,19 @@ class Vsm:
 
     def close(self) -> None:
         """Stop every vCPU thread (kicking a VTL out of its wait), then the VMs: VTL1's first, VTL0's owns the memory."""
+        stuck: list[HarnessError] = []
         for t in self.threads:
             for _ in range(100):
                 t.kick()
                 if self._idle(t):
                     break
-            t.close()
+            try:
+                t.close()
+            except HarnessError as e:
+                stuck.append(e)
         self.threads.clear()
+        if stuck:       # the VMs stay open: a thread still in KVM_RUN would run on unmapped memory
+            raise HarnessError("; ".join(str(e) for e in stuck) + ": the VMs are left open")
         for vm in (self.vm1, self.vm0):
             if vm is not None:
                 vm.close()
@@ -353,7 +379,7 @@ class Vsm:
             vcpu.run_struct.immediate_exit = 0
         wake = Wake(ex, vcpu.run_struct.x.system_event.type, -1)
         if wake.woken:
-            wake.mp_state = vcpu.get_mp_state()[0]
+            wake.mp_state = vcpu.get_mp_state_raw()[0]
             self.log.wakes.append(wake)
             self.wake_pending.set()
             watchdog.kick(self.vtl0.run_struct, self.caller)   # preempt VTL0 wherever it is
@@ -510,7 +536,7 @@ class Vsm:
             return hvtlfs.HV_STATUS_INVALID_PARAMETER
         for number in struct.unpack_from(f"<{reps}Q", data, MODIFY_PAGES):
             page = number << 12
-            ret, err = self.vm0.set_memory_attributes(page, guest.PAGE, attrs)
+            ret, err = self.vm0.set_memory_attributes_raw(page, guest.PAGE, attrs)
             if ret < 0:
                 raise StepFailed("rwx_attributes", f"catalog 16: KVM_SET_MEMORY_ATTRIBUTES({page:#x}, {attrs:#x}) on "
                                                    f"the VTL0 VM: {uapi.errno_name(err)}")
@@ -577,18 +603,18 @@ class Vsm:
         regs = vcpu.get_regs()
         regs.rip, regs.rsp, regs.rflags = rip, rsp, rflags
         vcpu.set_regs(regs)
-        _ok(vcpu.set_mp_state(RUNNABLE), f"starting VP {vp_index}: KVM_SET_MP_STATE(RUNNABLE)")
+        _ok(vcpu.set_mp_state_raw(RUNNABLE), f"starting VP {vp_index}: KVM_SET_MP_STATE(RUNNABLE)")
         self.log.started[vp_index] = t.submit(vcpu.run, STEP)
         return hvtlfs.HV_STATUS_SUCCESS
 
     # --- events for VTL1 ----------------------------------------------------------------------------
-    def signal_vtl1(self, vector: int) -> tuple[int, int]:
+    def signal_vtl1_raw(self, vector: int) -> tuple[int, int]:
         """A fixed interrupt for VP 0's VTL1 (its VM's APIC 0), as a device or another VP would send it."""
-        return self.vm1.signal_msi(0xFEE00000, vector)
+        return self.vm1.signal_msi_raw(0xFEE00000, vector)
 
 
 @contextmanager
-def build(kvm: Kvm, vps: int = 1) -> Iterator[Vsm]:
+def build_vsm(kvm: Kvm, vps: int = 1) -> Iterator[Vsm]:
     """A two-VTL harness that is always closed: threads stopped, VMs, fds and mappings released."""
     vsm = Vsm(kvm, vps)
     try:

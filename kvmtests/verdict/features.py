@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kvmtests import hvtlfs, uapi
-from kvmtests.machine import guest, hvexits, hyperv, memfault, tracefs
+from kvmtests.machine import guest, host, hvexits, hyperv, memfault, tracefs
 from kvmtests.machine.kvm import Kvm, Unavailable
 
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
@@ -88,7 +88,7 @@ def deviation(group: str, catalog: str, observed: str, expected: str) -> str:
 
 def _attributes(kvm: Kvm) -> Detection:
     with kvm.create_vm() as vm:
-        ret, err = vm.set_memory_attributes(0x700000000, 0x1000, uapi.KVM_MEMORY_ATTRIBUTE_NW)
+        ret, err = vm.set_memory_attributes_raw(0x700000000, 0x1000, uapi.KVM_MEMORY_ATTRIBUTE_NW)
     answer = "0" if ret == 0 else uapi.errno_name(err)
     how = f"KVM_SET_MEMORY_ATTRIBUTES(NW) on a default VM: {answer}"
     odd = () if ret == 0 or err in (errno.EINVAL, errno.ENOTTY) else (deviation(
@@ -183,8 +183,8 @@ def _fault_probe() -> FaultSeen | str:
             ways.append(PRIVATE_READ)
         for way in ways:                                # the second is tried when the first makes no exit
             with kvm.create_vm(way.vm_type) as vm:
-                m = guest.build(vm, guest.load_payload("probe"), entry=way.entry)
-                vm.set_memory_attributes(guest.DATA_GPA, 0x1000, way.attributes)
+                m = guest.build_machine(vm, guest.load_payload("probe"), entry=way.entry)
+                vm.set_memory_attributes_raw(guest.DATA_GPA, 0x1000, way.attributes)   # a refusal shows as no fault exit
                 got = _fault_exit(m, way)
             if isinstance(got, FaultSeen):
                 return FaultSeen(got.flags, got.byte56, got.what, "; ".join(failed),
@@ -201,7 +201,7 @@ def _fault_exit(m: guest.Machine, way: FaultWay) -> FaultSeen | str:
     fault = memfault.run_for_fault(m)
     if fault is None:
         return f"{way.what} gave {m.describe()}, not a memory-fault exit (KVM_RUN -1/EFAULT, exit 39)"
-    exact = m.payload.length(f"{way.entry}_insn", f"{way.entry}_end") if memfault.intel_ept() else None
+    exact = m.payload.length(f"{way.entry}_insn", f"{way.entry}_end") if host.intel_ept() else None
     return FaultSeen(fault.flags, fault.insn_len, way.what,
                      deviations=fault_deviations(way, fault.flags, fault.gpa, fault.size, fault.insn_len, exact))
 
@@ -225,7 +225,7 @@ def _fault_insn_len(kvm: Kvm) -> Detection:
                      deviations=probe.deviations)
 
 
-def hcall_deviations(group: str, rows: str, what: str, out: hyperv.Outcome, control: int, params: tuple[int, int],
+def hcall_deviations(group: str, rows: str, what: str, out: hyperv.HcallOutcome, control: int, params: tuple[int, int],
                      upstream_status: int) -> tuple[str, ...]:
     """An exit must pass the rows' whole-exit check (hvexits: 81, 82, 100, 111); a call kept in the kernel must
     answer as upstream does (80: status 2, 111: status 3)."""
@@ -243,7 +243,7 @@ def _hv_probe(key: str, bits: hyperv.CpuidBits, control: int, rdx: int, r8: int,
     """Present when the hypercall exits to userspace; what else it does against the spec is a deviation."""
     def probe(kvm: Kvm) -> Detection:
         with kvm.create_vm() as vm:
-            hvm = hyperv.build(vm, bits)
+            hvm = hyperv.build_hv_machine(vm, bits)
             out = hyperv.hypercall(hvm, control, rdx, r8)
         if not out.exited and not out.completed:
             return Detection(key, UNKNOWN, f"{what}: {out}")
@@ -261,7 +261,7 @@ def _hv_exits(kvm: Kvm) -> Detection:
     results = []
     for code, patch in HV_EXIT_CODES:
         with kvm.create_vm() as vm:
-            results.append((f"{code:#06x} ({patch})", hyperv.hypercall(hyperv.build(vm), code, 0, 0)))
+            results.append((f"{code:#06x} ({patch})", hyperv.hypercall(hyperv.build_hv_machine(vm), code, 0, 0)))
     det = hv_exits_verdict(results)
     odd = [d for (what, out), (code, _) in zip(results, HV_EXIT_CODES)
            for d in hcall_deviations("hv_exits", "80, 81", f"slow {what}", out, code, (0, 0),
@@ -269,9 +269,9 @@ def _hv_exits(kvm: Kvm) -> Detection:
     return Detection(det.group, det.state, det.how, det.partial, tuple(odd))
 
 
-def hv_exits_verdict(results: list[tuple[str, hyperv.Outcome]]) -> Detection:
+def hv_exits_verdict(results: list[tuple[str, hyperv.HcallOutcome]]) -> Detection:
     """Present when any P06-P08 code exits; the codes that do not are the partial backport's gap."""
-    def said(pairs: list[tuple[str, hyperv.Outcome]]) -> str:
+    def said(pairs: list[tuple[str, hyperv.HcallOutcome]]) -> str:
         by_outcome: dict[str, list[str]] = {}
         for what, out in pairs:
             by_outcome.setdefault(str(out), []).append(what)
@@ -302,7 +302,7 @@ def _xmm_output(kvm: Kvm) -> Detection:
     seen = []
     for code in XMM_PROBE_CODES:
         with kvm.create_vm() as vm:
-            out = hyperv.hypercall(hyperv.build(vm), hvtlfs.control(code, fast=True), 0, 0, xmm=XMM_PATTERN)
+            out = hyperv.hypercall(hyperv.build_hv_machine(vm), hvtlfs.control(code, fast=True), 0, 0, xmm=XMM_PATTERN)
         what = f"fast {code:#06x} with XMM0-5 loaded"
         fallback = f" (fallback: fast {', '.join(seen)} stayed in the kernel)" if seen else ""
         if out.exited:
@@ -332,9 +332,9 @@ def xmm_verdict(what: str, xmm: list[hyperv.Xmm], fallback: str = "") -> Detecti
 
 def _mp_state(kvm: Kvm) -> Detection:
     with kvm.create_vm() as vm:
-        hvm = hyperv.build(vm, VSM)
-        ret, err = hvm.vcpu.set_mp_state(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
-        state, _ = hvm.vcpu.get_mp_state()
+        hvm = hyperv.build_hv_machine(vm, VSM)
+        ret, err = hvm.vcpu.set_mp_state_raw(uapi.KVM_MP_STATE_HV_INACTIVE_VTL)
+        state, _ = hvm.vcpu.get_mp_state_raw()
     return mp_state_verdict(ret, err, state)
 
 
@@ -508,7 +508,7 @@ def advertised_hv_bits() -> dict[str, bool]:
             if not kvm.check_extension(uapi.KVM_CAP_HYPERV):
                 return {}
             with kvm.create_vm() as vm:
-                entries, err = vm.create_vcpu(0).supported_hv_cpuid()
+                entries, err = vm.create_vcpu(0).supported_hv_cpuid_raw()
     except Unavailable:
         return {}
     leaf = next((e for e in entries if e["function"] == hvtlfs.HYPERV_CPUID_FEATURES), None)

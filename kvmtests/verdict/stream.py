@@ -143,7 +143,7 @@ def force(kind: str) -> None:
     from kvmtests.machine import guest
     from kvmtests.machine.kvm import Kvm
     with Kvm() as kvm, kvm.create_vm() as vm:
-        m = guest.build(vm, guest.load_payload("basic"), entry="spin")
+        m = guest.build_machine(vm, guest.load_payload("basic"), entry="spin")
         regs = m.vcpu.get_regs()
         if kind == "freeze":
             regs.rflags &= ~guest.RFLAGS_IF
