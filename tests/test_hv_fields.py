@@ -203,13 +203,14 @@ def test_in_kernel_answer_registers_are_the_rows_own(name):
                  shown(name, good ^ 0x100), shown(name, good), None)
 
 
-def test_in_kernel_answer_xmm_counts_under_p01():
+def test_in_kernel_answer_xmm_fails_the_row_itself():
+    """The kernel's own fast-call XMM input path predates P01: a clobbered XMM there is the row's failure."""
     c = call(hvtlfs.HVCALL_GET_VP_REGISTERS)
     after = changed(XMM_IN + XMM_SEED, 9, (0, 0))
     expect_named(hvexits.expect_status, (resumed(c, 2, xmm_after=after), 80, 2), "80", "guest XMM9", xmm_hex((0, 0)),
-                 xmm_hex(XMM_SEED[3]), "xmm_output")
+                 xmm_hex(XMM_SEED[3]), None)
     expect_named(hvexits.expect_status, (resumed(c, 2, mxcsr=0), 80, 2), "80", "guest MXCSR", "0x0",
-                 f"{MXCSR_SEED:#x}", "xmm_output")
+                 f"{MXCSR_SEED:#x}", None)
 
 
 def test_an_exit_where_none_was_expected_fails_the_row():

@@ -11,8 +11,9 @@ fast 0x50/0x52: nothing else).
 Which group a wrong field is counted under (the group whose patch provides the behaviour):
 - the exit's hcall.input and hcall.params, and after a userspace completion RIP, RFLAGS and every GPR: the code's
   group (hyperv.code_group: hv_exits P06-P08, vsm_hcalls P18, vtl_ipi P04);
-- hcall.xmm (captured, or left unwritten) and XMM0-15 and MXCSR after any answer: xmm_output (P01);
-- an in-kernel answer's RAX and GPRs: the row's own group (nothing exited, so no exit patch is involved);
+- hcall.xmm (captured, or left unwritten) and XMM0-15 and MXCSR after a userspace completion: xmm_output (P01);
+- an in-kernel answer's RAX, GPRs, XMM registers and MXCSR: the row's own group (nothing exited, so no exit patch
+  is involved, and the kernel's fast-call XMM input path predates the series);
 - the WAKEUP exit, the vCPU's state, RIP, RFLAGS and its LAPIC: mp_inactive_vtl (P05).
 
 Left unchecked on purpose, where the spec fixes no value:
@@ -142,9 +143,14 @@ def _kvm_regs(regs: dict[str, int], call: Call, status: int, group: str) -> list
             for name in hyperv.REG_NAMES if regs[name] != want[name]]
 
 
-def resumed_fields(out: HcallOutcome, status: int, xmm: list[Xmm], group: str | None) -> list[Wrong]:
+def resumed_fields(out: HcallOutcome, status: int, xmm: list[Xmm], group: str | None,
+                   xmm_group: str | None) -> list[Wrong]:
     """What the guest reports after the call: RAX (EDX:EAX) = status, RCX, RDX, R8 and RFLAGS as it issued them
-    (RCX intact also shows RIP advanced by exactly 3, hcall.S), XMM0-5 = xmm, XMM6-15 and MXCSR as seeded."""
+    (RCX intact also shows RIP advanced by exactly 3, hcall.S), XMM0-5 = xmm, XMM6-15 and MXCSR as seeded.
+
+    A wrong XMM register or MXCSR counts under xmm_group: P01's (xmm_output) after userspace completed an exit,
+    which is where P01 writes XMM output; the row's own after an answer in the kernel, whose fast-call XMM input
+    path predates the series."""
     call = out.call
     if not out.completed:
         return [Wrong(group, None, "the guest", str(out), "to resume after the hypercall")]
@@ -158,10 +164,10 @@ def resumed_fields(out: HcallOutcome, status: int, xmm: list[Xmm], group: str | 
              for name, value in want.items() if getattr(out, name) != value]
     if call.bits == 32:
         return wrong
-    wrong += [Wrong(XMM_OUTPUT, None, f"guest XMM{i}", xmm_hex(got), xmm_hex(reg) + ("" if i < 6 else " (unchanged)"))
+    wrong += [Wrong(xmm_group, None, f"guest XMM{i}", xmm_hex(got), xmm_hex(reg) + ("" if i < 6 else " (unchanged)"))
               for i, (got, reg) in enumerate(zip(out.xmm_after, list(xmm) + XMM_SEED)) if got != reg]
     if out.mxcsr != hyperv.MXCSR_SEED:
-        wrong.append(Wrong(XMM_OUTPUT, None, "guest MXCSR", f"{out.mxcsr:#x}", f"{hyperv.MXCSR_SEED:#x} (unchanged)"))
+        wrong.append(Wrong(xmm_group, None, "guest MXCSR", f"{out.mxcsr:#x}", f"{hyperv.MXCSR_SEED:#x} (unchanged)"))
     return wrong
 
 
@@ -172,7 +178,7 @@ def expect_completion(out: HcallOutcome, n: int, status: int, xmm: list[Xmm] | N
     call = out.call
     assert out.completion is not None, f"catalog {n}: completing the exit of control {call.control:#x} failed: {out}"
     group = hyperv.code_group(call.code)
-    fail_first(_kvm_regs(out.completion, call, status, group) + resumed_fields(out, status, xmm or call.xmm, group),
+    fail_first(_kvm_regs(out.completion, call, status, group) + resumed_fields(out, status, xmm or call.xmm, group, XMM_OUTPUT),
                n, f"completion of control {call.control:#x}")
 
 
@@ -182,7 +188,7 @@ def expect_status(out: HcallOutcome, n: int, status: int) -> None:
     call = out.call
     assert out.completed, f"catalog {n}: control {call.control:#x}: expected no exit and RAX {status_text(status)}, " \
                           f"got {out}"
-    fail_first(resumed_fields(out, status, call.xmm, None), n, f"control {call.control:#x}, no exit")
+    fail_first(resumed_fields(out, status, call.xmm, None, None), n, f"control {call.control:#x}, no exit")
 
 
 # --- the WAKEUP exit of state 11 ----------------------------------------------------------------------------------
