@@ -70,7 +70,6 @@ class Monitor:
         self.probes: dict[str, dict] = {}
         self.records: dict[str, dict] = {}
         self.crashes: list[Crash] = []
-        self.damaged = 0
         self.running: Running | None = None
         self.last_ended: tuple[dict, float] | None = None
         self.stacks: list[str] | None = None
@@ -136,7 +135,7 @@ class Monitor:
                 self._hang(self.stacks, now)
                 self.stacks = None
         except (ValueError, KeyError, TypeError):
-            self.damaged += 1
+            pass    # a record the console damaged: its test has no verdict yet, and a resumed boot runs it again
 
     def _suite_end(self, payload: str, now: float) -> None:
         """The suite's process ended: in the middle of a test, it died (or was killed by an oops)."""
@@ -180,7 +179,7 @@ class Monitor:
     def _hang(self, stacks: list[str], now: float) -> None:
         """The guest's watchdog printed the overdue test's stacks: a hang titled from them."""
         if self.running is not None:
-            self._report(crash.hang_report(_suite_task_first(stacks), now - self.running.since, self._where()), now)
+            self._report(crash.hang_report(stacks, now - self.running.since, self._where()), now)
 
     def _stopped(self, now: float) -> None:
         """The emulator answered the NMI by stopping the guest (or did not answer): a hang titled from where it was."""
@@ -242,14 +241,3 @@ class Monitor:
     def fatal(self) -> list[Crash]:
         return [c for c in self.crashes if c.report.fatal]
 
-
-def _suite_task_first(stacks: list[str]) -> list[str]:
-    """The watchdog's dump with the tasks most likely stuck first: uninterruptible (D), then running (R)."""
-    tasks: list[list[str]] = []
-    for text in stacks:
-        if text.startswith("task ") or not tasks:
-            tasks.append([])
-        tasks[-1].append(text)
-    order = {"D": 0, "R": 1}
-    tasks.sort(key=lambda t: order.get(t[0].split()[-1], 2) if t[0].startswith("task ") else 3)
-    return [line for task in tasks for line in task]

@@ -240,9 +240,6 @@ def report_cell(results: Path, boots: list[resume.Boot], why: str, args: argpars
     the boots and their phase times, and where the outputs are; return the exit code."""
     doc = resume.merge(boots, {"kernel": release, "environment": f"{emulator} (kvmtests qualify)"},
                        sorted(parse_required(args.require)), why)
-    missing = resume.not_run(boots, doc)
-    if why and missing:
-        doc["incomplete"] = f"{why}; {missing} selected tests did not run"
     code = doc["exitstatus"] if not why else EXIT_TIMEOUT if boots[-1].run.timed_out == "suite" else EXIT_NO_VERDICT
     (results / "results.json").write_text(json.dumps(doc, indent=1))
     if len(boots) > 1 or doc["crashes"] or boots[-1].doc is None:
@@ -291,15 +288,19 @@ def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path, binary: str) -> 
 
     def boot(n: int, state: dict | None, left: float) -> tuple[console.RunResult, Monitor]:
         _write_resume(cell.results / RESUME_FILE, state)
-        print(f"qualify: {'booting' if n == 1 else f'boot {n}: resuming after a crash,'} {cell.image} "
-              f"({cell.release}) under QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, {cfg.mem}; "
-              f"{f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
+        _announce(n, cell, f"QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, {cfg.mem}")
         monitor = Monitor(n, cell.test_timeout, cell.grace, can_nmi=True)
         return console.run_console(qemu.qemu_command(cfg, binary), cell.results / "console.log", left,
                                    min(cell.boot_timeout, left), suite_echo(), monitor, qemu.nmi,
                                    "w" if n == 1 else "a"), monitor
 
     return boot
+
+
+def _announce(n: int, cell: Cell, machine: str) -> None:
+    """One line per boot: which one, the kernel, the emulated machine, the modules."""
+    print(f"qualify: {'booting' if n == 1 else f'boot {n}: resuming after a crash,'} {cell.image} ({cell.release}) "
+          f"under {machine}; {f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
 
 
 def _write_resume(path: Path, state: dict | None) -> None:
@@ -333,10 +334,8 @@ def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.Bo
             [str(GUEST_RESULTS).lstrip("/")], set())
         initrd.write_bytes(base.read_bytes() + extra)
         bochs.make_iso(iso, cell.image, initrd, append, tools)
-        print(f"qualify: {'booting' if n == 1 else f'boot {n}: resuming after a crash,'} {cell.image} "
-              f"({cell.release}) under Bochs, {cfg.model} at {cfg.ips // 1_000_000} MIPS, {cfg.cpus} vCPU, "
-              f"{cfg.mem_mb} MB, initramfs {initrd.stat().st_size >> 20} MB; "
-              f"{f'modules from {cell.modules}' if cell.modules else 'no modules'}", flush=True)
+        _announce(n, cell, f"Bochs, {cfg.model} at {cfg.ips // 1_000_000} MIPS, {cfg.cpus} vCPU, {cfg.mem_mb} MB, "
+                           f"initramfs {initrd.stat().st_size >> 20} MB")
         collector = console.ResultCollector()
         echo = suite_echo()
 

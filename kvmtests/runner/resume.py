@@ -64,6 +64,8 @@ def _crashed_entry(c: Crash, prior: dict | None) -> dict:
 
 def _features(boots: list[Boot], last: dict | None) -> dict[str, dict]:
     """The last finished boot's detections; else what the probes reported as they ran; a crashed probe says so."""
+    if last:
+        return last["features"]
     out = {g: {"state": features.UNKNOWN, "how": "not detected: the run ended before this group's probe ran"}
            for g in features.GROUPS}
     for boot in boots:
@@ -72,7 +74,7 @@ def _features(boots: list[Boot], last: dict | None) -> dict[str, dict]:
             if c.probe:
                 out[c.probe] = {"state": features.CRASHED,
                                 "how": f"its detection probe crashed the kernel: {c.report.title}"}
-    return last["features"] if last else out
+    return out
 
 
 def outside_tests(boots: list[Boot]) -> list[str]:
@@ -88,7 +90,8 @@ def outside_tests(boots: list[Boot]) -> list[str]:
 
 
 def merge(boots: list[Boot], host: dict, required: list[str], incomplete: str) -> dict:
-    """One document for the cell: every verdict of every boot, crashed tests as such, the crashes, the boots."""
+    """One document for the cell: every verdict of every boot, crashed tests as such, the crashes, the boots, and
+    why the run ended early (with how many selected tests did not run) if it did."""
     last = next((b.doc for b in reversed(boots) if b.doc), None)
     tests: dict[str, dict] = {}
     for boot in boots:
@@ -110,17 +113,15 @@ def merge(boots: list[Boot], host: dict, required: list[str], incomplete: str) -
         doc["exitstatus"] = max(doc["exitstatus"], 1)
     doc["crashes"] = [c.as_dict() for c in crashes]
     doc["boots"] = len(boots)
-    doc["incomplete"] = incomplete
+    missing = not_run(boots, tests)
+    doc["incomplete"] = f"{incomplete}; {missing} selected tests did not run" if incomplete and missing else incomplete
     return doc
 
 
-def not_run(boots: list[Boot], doc: dict) -> int:
-    """How many collected tests have no verdict in the merged document."""
+def not_run(boots: list[Boot], tests: dict[str, dict]) -> int:
+    """How many collected tests have no verdict among tests (by node id)."""
     collected = next((b.monitor.collected for b in boots if b.monitor.collected is not None), None)
-    if collected is None:
-        return 0
-    have = {t["nodeid"] for t in doc["tests"]}
-    return sum(1 for nodeid in collected if nodeid not in have)
+    return sum(1 for nodeid in collected or [] if nodeid not in tests)
 
 
 BootFn = Callable[[int, "dict | None", float], "tuple[RunResult, Monitor]"]

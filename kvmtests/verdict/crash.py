@@ -219,11 +219,25 @@ def scan(lines: list[str]) -> list[Report]:
     return reports + scanner.flush()
 
 
+def stuck_first(stacks: list[str]) -> list[str]:
+    """Tasks' stacks (each after a "task COMM tid N state S" line) with those most likely stuck first:
+    uninterruptible (D), then running (R), the given order kept within each."""
+    tasks: list[list[str]] = []
+    for text in stacks:
+        if text.startswith("task ") or not tasks:
+            tasks.append([])
+        tasks[-1].append(text)
+    order = {"D": 0, "R": 1}
+    tasks.sort(key=lambda t: order.get(t[0].split()[-1], 2) if t[0].startswith("task ") else 3)
+    return [line for task in tasks for line in task]
+
+
 def hang_report(stacks: list[str], silent_for: float, where: str, stopped_in: str | None = None,
                 stop: list[str] | None = None) -> Report:
-    """A hang the kernel did not report itself: titled from the stacks the guest or the emulator gave, else from
-    where the emulator found the guest when it stopped it (stopped_in: a function, or "a nested guest ..."),
-    whose account (stop) goes to the log."""
+    """A hang the kernel did not report itself: titled from the stacks the guest or the emulator gave (the most
+    stuck task's first), else from where the emulator found the guest when it stopped it (stopped_in: a function,
+    or "a nested guest ..."), whose account (stop) goes to the log."""
+    stacks = stuck_first(stacks)
     function = stack_function(stacks) or rip_function(stacks) or stopped_in
     detail = f"no progress for {silent_for:.0f} s in {where}" + ("" if stacks else "; no kernel stack came")
     return Report(HANG, f"hang in {function}" if function else "hang with no kernel stack",

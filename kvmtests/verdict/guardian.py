@@ -296,12 +296,13 @@ def thread_states(pid: int) -> list[tuple[int, str, str]]:
 
 
 def task_stacks(pid: int) -> list[str]:
-    """A process's threads' kernel stacks, stuck (D) and running (R) first, as the qualify guest's watchdog prints."""
-    tasks = []
-    for tid, comm, state in thread_states(pid):
-        stack = [_STACK_ADDRESS.sub("  ", line) for line in _read(f"/proc/{pid}/task/{tid}/stack").splitlines()]
-        tasks.append(({"D": 0, "R": 1}.get(state, 2), tid != pid, [f"task {comm} tid {tid} state {state}", *stack]))
-    return [line for *_, lines in sorted(tasks, key=lambda t: t[:2]) for line in lines]
+    """A process's threads' kernel stacks, its main thread first, as the qualify guest's watchdog prints them
+    (crash.hang_report puts the stuck ones first)."""
+    lines = []
+    for tid, comm, state in sorted(thread_states(pid), key=lambda t: t[0] != pid):
+        lines.append(f"task {comm} tid {tid} state {state}")
+        lines += [_STACK_ADDRESS.sub("  ", line) for line in _read(f"/proc/{pid}/task/{tid}/stack").splitlines()]
+    return lines
 
 
 def kill(pid: int) -> str:
