@@ -175,7 +175,9 @@ class Guest:
         if kind:
             self.crash(kind)
         self.event("suite-start")
-        todo = [(nodeid, catalog) for nodeid, catalog in TESTS if nodeid not in self.resume.get("done", [])]
+        shard = self.resume.get("shard")
+        todo = [(nodeid, catalog) for nodeid, catalog in TESTS if nodeid not in self.resume.get("done", [])
+                and (not shard or stream.shard_of(nodeid, shard) == shard["index"])]
         self.event(stream.SESSION, stream.encode({"host": HOST}))
         self.event(stream.COLLECTED, stream.encode([nodeid for nodeid, _ in todo]))
         features.crashed_probes(self.resume.get("crashed_probes", {}))

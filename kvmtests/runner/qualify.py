@@ -21,12 +21,15 @@ from kvmtests.verdict.features import parse_required
 from kvmtests.verdict.junit import junit
 from kvmtests.verdict.report import NotResults, load, render
 
-from . import bochs, console, initramfs, kernels, qemu, resume, rootfs, symbols
+from . import bochs, console, initramfs, kernels, parallel, qemu, resume, rootfs, shards, symbols
 from .console import RunnerError
 from .monitor import Monitor
 
 PROJECT_DIR = Path(kvmtests.__file__).resolve().parent.parent
 PYTEST_PLUGIN = "kvmtests.verdict.plugin"  # provides --kvmtests-json
+PYTEST = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", PYTEST_PLUGIN)
+SELECTION = ("-m", "not selftest")   # the guest runs the suite but its self-tests
+CHILD = (sys.executable, "-m", "kvmtests.cli")   # a shard's or a cell's own run, with --jobs or --shards
 ROOT_TAG = "hostroot"
 RESULTS_TAG = "results"
 EXIT_BAD_INPUT = 2
@@ -109,10 +112,14 @@ def suite_command(results: Path, pytest_args: Sequence[str], require: str = "") 
     The host prints the summary from the JSON, so the guest does not; the suite's self-tests stay out
     (they check kvmtests, not the kernel, and the host already runs them); PYTEST-ARGS come after
     these defaults and add to them (a later -m replaces the default one)."""
-    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-p", PYTEST_PLUGIN,
-           "--no-kvmtests-summary", f"--kvmtests-json={results / 'results.json'}", f"--kvmtests-stream={CONSOLE}",
-           f"--junitxml={results / 'junit.xml'}", "-m", "not selftest"]
+    cmd = [*PYTEST, "-n", "0", "--no-kvmtests-summary", f"--kvmtests-json={results / 'results.json'}",
+           f"--kvmtests-stream={CONSOLE}", f"--junitxml={results / 'junit.xml'}", *SELECTION]
     return cmd + ([f"--require={require}"] if require else []) + list(pytest_args)
+
+
+def collect_command(pytest_args: Sequence[str]) -> list[str]:
+    """The same selection as suite_command's, collected on the host to plan the shards."""
+    return [*PYTEST, *SELECTION, *pytest_args, "--collect-only", "-q"]
 
 
 def guest_env(accel: str, host_env: Mapping[str, str], results: Path, test_timeout: float) -> dict[str, str]:
@@ -190,6 +197,7 @@ class Cell:
     busybox: Path
     test_timeout: float
     grace: float
+    progress: parallel.Progress
 
 
 def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir: Path | None) -> int:
@@ -213,14 +221,18 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
         busybox = initramfs.find_busybox()
         results = Path(results_dir or args.results or Path("kvmtests-results") / (release or image.name)).resolve()
         results.mkdir(parents=True, exist_ok=True)
+        shard = _shard_plan(args.shard_plan)
+        count = 1 if shard else args.shards or shards.default_count(args.jobs, bochs.memory_mb(args.mem))
+        if count > 1:
+            return qualify_sharded(args, image, modules, append, results, count, emulator)
         for name in OUTPUTS:
             (results / name).unlink(missing_ok=True)
         prepare = _boot_bochs if under_bochs else _boot_qemu
-        cell = Cell(image, release, modules, append, results, boot_timeout, busybox, test_timeout,
-                    STACKS_GRACE[emulator])
-        with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
+        with parallel.Progress(results) as progress, tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
+            cell = Cell(image, release, modules, append, results, boot_timeout, busybox, test_timeout,
+                        STACKS_GRACE[emulator], progress)
             boots, why = resume.run_cell(prepare(args, cell, Path(tmp), tool), results, args.timeout,
-                                         args.max_resumes)
+                                         args.max_resumes, shard)
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -232,6 +244,90 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
                                      and not first.monitor.crashes):
         return no_suite(results, first.run, boot_timeout, args.timeout, emulator)
     return report_cell(results, boots, why, args, release, emulator)
+
+
+def _shard_plan(path: Path | None) -> dict | None:
+    """The plan a shard's runner is handed (--shard-plan), or None for a whole cell."""
+    if path is None:
+        return None
+    try:
+        return shards.read_plan(path)
+    except ValueError as exc:
+        raise RunnerError(f"--shard-plan: {exc}") from None
+
+
+def child_argv(args: argparse.Namespace, kernel: Path | str, modules: Path | None, append: str, results: Path,
+               extra: Sequence[str]) -> list[str]:
+    """The `kvmtests qualify` command of one shard or one cell run as a child: this run's options, its kernel
+    (already fetched), command line and results directory."""
+    argv = [*CHILD, "qualify", "--kernel", str(kernel), "--append", append,
+            "--results", str(results), "--accel", args.accel, "--mem", args.mem, "--smp", str(args.smp),
+            "--timeout", f"{args.timeout:g}", "--max-resumes", str(args.max_resumes)]
+    for option, value in (("--modules", modules), ("--cpu", args.cpu), ("--test-timeout", args.test_timeout),
+                          ("--boot-timeout", args.boot_timeout), ("--durations", args.durations)):
+        if value is not None:
+            argv += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    if args.require:
+        argv += ["--require", args.require]
+    return argv + list(extra) + ["--", *pytest_args(args.pytest_args)]
+
+
+def qualify_sharded(args: argparse.Namespace, image: Path, modules: Path | None, append: str, results: Path,
+                    count: int, emulator: str) -> int:
+    """One cell over count emulators at once: plan who runs what (by an earlier run's durations, else by file),
+    run a qualify child per shard, merge what they bring back into the cell's one result."""
+    known = shards.durations(args.durations or results / "results.json")
+    for name in OUTPUTS:
+        (results / name).unlink(missing_ok=True)
+    nodeids = shards.collect(collect_command(pytest_args(args.pytest_args)), PROJECT_DIR)
+    if nodeids is not None:
+        count = max(1, min(count, len(nodeids)))
+    plan = shards.plan(nodeids or [], known, count)
+    balance = "by an earlier run's durations" if known and nodeids else "by file" if nodeids else \
+        "by file name (the host could not collect the tests)"
+    print(f"qualify: {count} shards under {emulator}, {len(nodeids) if nodeids else 'the'} tests balanced {balance}",
+          flush=True)
+    children = []
+    for i in range(1, count + 1):
+        where = results / f"shard-{i}"
+        where.mkdir(parents=True, exist_ok=True)
+        shards.write_plan(where / "plan.json", plan, i)
+        children.append(parallel.Child(f"shard {i}/{count}", child_argv(
+            args, image, modules, append, where, ["--shards", "1", "--shard-plan", str(where / "plan.json")]),
+            where))
+    parallel.run(children, count, parallel.Board(sys.stdout, parallel.interactive()), results)
+    docs, missing = [], []
+    for child in children:
+        try:
+            docs.append(load(child.results / "results.json"))
+        except NotResults:
+            missing.append(f"{child.label} ended without results (exit {child.rc}; see {child.results / parallel.LOG})")
+    if not docs:
+        print(f"qualify: no shard brought results back; {'; '.join(missing)}")
+        print("\n".join(f"  | {t}" for t in _tail(children[0].results / parallel.LOG)))
+        return next((c.rc for c in children if c.rc), EXIT_NO_VERDICT)
+    doc = shards.merge(docs)
+    if missing:
+        doc["incomplete"] = "; ".join(filter(None, [doc["incomplete"], *missing]))
+        doc["exitstatus"] = max(doc["exitstatus"], 1)
+    code = doc["exitstatus"] if not missing else EXIT_NO_VERDICT
+    (results / "results.json").write_text(json.dumps(doc, indent=1))
+    (results / "junit.xml").write_text(junit(doc))
+    (results / "rc").write_text(f"{code}\n")
+    print(render(doc))
+    for child in children:
+        print(f"qualify: {child.label}: exit {child.rc}, {child.ended - child.started:.0f} s; log: "
+              f"{child.results / parallel.LOG}; console log: {child.results / 'console.log'}")
+    for label, name in (("JUnit XML", "junit.xml"), ("JSON", "results.json")):
+        print(f"qualify: {label}: {results / name}")
+    return code
+
+
+def _tail(path: Path, lines: int = 20) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ["(no log)"]
 
 
 def report_cell(results: Path, boots: list[resume.Boot], why: str, args: argparse.Namespace, release: str,
@@ -290,6 +386,7 @@ def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path, binary: str) -> 
         _write_resume(cell.results / RESUME_FILE, state)
         _announce(n, cell, f"QEMU {accel}, -cpu {cfg.cpu}, {cfg.smp} vCPU, {cfg.mem}")
         monitor = Monitor(n, cell.test_timeout, cell.grace, can_nmi=True)
+        cell.progress.add(monitor)
         return console.run_console(qemu.qemu_command(cfg, binary), cell.results / "console.log", left,
                                    min(cell.boot_timeout, left), suite_echo(), monitor, qemu.nmi,
                                    "w" if n == 1 else "a"), monitor
@@ -345,6 +442,7 @@ def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.Bo
 
         monitor = Monitor(n, cell.test_timeout, cell.grace, can_nmi=True,
                           answer=lambda lines, bases: bochs.stop_report(lines, bases, namer.name))
+        cell.progress.add(monitor)
         run = console.run_console(bochs.bochs_command(tmp / "bochsrc", tmp / "debugger.rc", tools.bochs),
                                   cell.results / "console.log", left, min(cell.boot_timeout, left), on_line,
                                   monitor, bochs.interrupt, "w" if n == 1 else "a")
@@ -386,6 +484,8 @@ def qualify(args: argparse.Namespace) -> int:
         kernel, variant = todo[0]
         return qualify_one(args, kernel, command_line(args.append, variant), None)
     root = Path(args.results or "kvmtests-results")
+    if args.jobs > 1:
+        return end_matrix(qualify_cells(args, todo, root))
     done = []
     for index, (kernel, variant) in enumerate(todo, 1):
         results = cell_dir(root, index, kernel, variant)
@@ -395,6 +495,37 @@ def qualify(args: argparse.Namespace) -> int:
         done.append((index, kernel, variant, results, qualify_one(args, kernel, command_line(args.append, variant),
                                                                   results)))
     return end_matrix(done)
+
+
+def qualify_cells(args: argparse.Namespace, todo: list[tuple[str, str]], root: Path) -> list[
+        tuple[int, str, str, Path, int]]:
+    """Up to --jobs cells at once, each a child run (kernels fetched or built first, one at a time), one progress
+    line each while they run, then every cell's summary in matrix order."""
+    try:
+        resolved = {kernel: resolve_kernel(kernel) for kernel in dict.fromkeys(k for k, _ in todo)}
+    except RunnerError as exc:
+        print(f"qualify: {exc}", file=sys.stderr)
+        return [(i, k, v, cell_dir(root, i, k, v), EXIT_BAD_INPUT) for i, (k, v) in enumerate(todo, 1)]
+    count = args.shards or shards.default_count(args.jobs, bochs.memory_mb(args.mem))
+    children = []
+    for index, (kernel, variant) in enumerate(todo, 1):
+        results = cell_dir(root, index, kernel, variant).resolve()
+        (results / "results.json").unlink(missing_ok=True)
+        image, modules = resolved[kernel]
+        children.append(parallel.Child(f"#{index} {kernel}, command line {variant}", child_argv(
+            args, image, args.modules or modules, command_line(args.append, variant), results,
+            ["--shards", str(count)]), results))
+    print(f"qualify: {len(todo)} cells, up to {args.jobs} at once, {count} shard{'s' * (count > 1)} each; "
+          f"each cell's output in its results directory ({parallel.LOG})", flush=True)
+    parallel.run(children, args.jobs, parallel.Board(sys.stdout, parallel.interactive()))
+    for index, child in enumerate(children, 1):
+        print(f"\n== cell #{index} of {len(children)}: {child.label.split(' ', 1)[1]}; results in {child.results}")
+        try:
+            print(render(load(child.results / "results.json")))
+        except NotResults:
+            print("\n".join(f"  | {t}" for t in _tail(child.results / parallel.LOG)))
+    return [(i, k, v, c.results, c.rc if c.rc is not None else EXIT_NO_VERDICT)
+            for (i, (k, v)), c in zip(enumerate(todo, 1), children)]
 
 
 def command_line(append: str, variant: str) -> str:
@@ -437,6 +568,17 @@ def suite_echo() -> Callable[[str], None]:
             print(line, flush=True)
 
     return echo
+
+
+def _positive(text: str) -> int:
+    """A count of at least 1, else argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -485,6 +627,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--require", default="", metavar="GROUPS",
                    help="gating, as pytest --require: 'series' or feature groups (comma separated) the kernel must "
                         "carry; an absent one is one failure line")
+    p.add_argument("--shards", type=_positive, metavar="K",
+                   help="split each cell's tests over K emulators of the same kernel run at once, balanced by an "
+                        "earlier run's durations (--durations) or by file, merged into one result (default: the "
+                        "host's cores shared by --jobs, as far as its memory holds the guests; 1 on one core)")
+    p.add_argument("--jobs", type=_positive, default=1, metavar="N",
+                   help="run up to N matrix cells at once, each its own child run with a log in its results "
+                        "directory and one progress line here (default 1)")
+    p.add_argument("--durations", type=Path, metavar="RESULTS.json",
+                   help="an earlier run's results.json whose test durations balance the shards (default: the "
+                        "cell's results.json from its last run, when there is one)")
+    p.add_argument("--shard-plan", type=Path, help=argparse.SUPPRESS)   # a shard's run, started by its cell's
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST-ARGS",
                    help="more arguments for pytest inside the guest, added to the defaults (the whole suite but "
                         "its self-tests, -m 'not selftest')")

@@ -138,14 +138,17 @@ def _guest_doc(results: Path) -> dict | None:
         return None
 
 
-def run_cell(boot: BootFn, results: Path, timeout: float, max_resumes: int) -> tuple[list[Boot], str]:
-    """Boot until the suite finishes, resuming after each crash; return the boots and, if the run ended early, why."""
+def run_cell(boot: BootFn, results: Path, timeout: float, max_resumes: int,
+             shard: dict | None = None) -> tuple[list[Boot], str]:
+    """Boot until the suite finishes, resuming after each crash; return the boots and, if the run ended early, why.
+    A shard's plan rides in the resume file from the first boot on."""
     boots: list[Boot] = []
     deadline = time.monotonic() + timeout
     while True:
         for name in GUEST_OUTPUTS:
             (results / name).unlink(missing_ok=True)
-        run, monitor = boot(len(boots) + 1, resume_state(boots) if boots else None, deadline - time.monotonic())
+        state = (resume_state(boots) if boots else {}) | ({"shard": shard} if shard else {})
+        run, monitor = boot(len(boots) + 1, state or None, deadline - time.monotonic())
         boots.append(Boot(monitor, run, _guest_doc(results)))
         n = len(boots)
         if boots[-1].doc is not None:

@@ -46,7 +46,7 @@ def testcase(test: dict) -> ET.Element:
 def properties(doc: dict) -> list[tuple[str, str]]:
     """The host, the boots and crashes, and why the run ended early: what no testcase of a JUnit file can say."""
     incomplete = [("incomplete", doc["incomplete"])] if doc.get("incomplete") else []
-    return [*doc["host"].items(), ("boots", str(doc.get("boots", 1))),
+    return [*doc["host"].items(), ("boots", str(doc.get("boots", 1))), ("shards", str(doc.get("shards", 1))),
             *(("crash", crash_line(c)) for c in doc.get("crashes", [])), *incomplete]
 
 

@@ -11,7 +11,8 @@ from .report import CORE, cell, crash_titles, group_counts, required_absent
 IDENTITY = (("kernel", "kernel"), ("cpu", "cpu vendor"), ("environment", "environment"),
             ("command line", "command line"))
 LEGEND = ("cells: detected state, then pass/fail/skip/known-deviation counts (+ unexpected passes, errors, crashed "
-          "and blocked tests); total: the run's exit status, whether its kernel crashed, its boots if more than one")
+          "and blocked tests); total: the run's exit status, whether its kernel crashed, its boots if more than one "
+          "per shard")
 
 
 def _counts(doc: dict) -> tuple[dict[str, Counter], Counter]:
@@ -20,9 +21,9 @@ def _counts(doc: dict) -> tuple[dict[str, Counter], Counter]:
 
 def total(doc: dict) -> str:
     """A run's total cell state: its exit status, and whether its kernel crashed and had to boot again."""
-    boots = doc.get("boots", 1)
+    boots, shards = doc.get("boots", 1), doc.get("shards", 1)
     return f"exit {doc['exitstatus']}" + (", crashed" if crash_titles(doc) else "") + \
-        (f", {boots} boots" if boots > 1 else "")
+        (f", {boots} boots" + (f" over {shards} shards" if shards > 1 else "") if boots > shards else "")
 
 
 def column(doc: dict) -> list[str]:

@@ -131,8 +131,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _resume_items(config: pytest.Config, items: list) -> None:
-    """A resumed boot leaves out what earlier boots finished and blocks the rows on a path that crashed the kernel."""
+    """A shard keeps its own tests; a resumed boot leaves out what earlier boots finished and blocks the rows on a
+    path that crashed the kernel."""
     resume = config.stash.get(_resume, {})
+    shard = resume.get("shard")
+    if shard:
+        others = [item for item in items if stream.shard_of(item.nodeid, shard) != shard["index"]]
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if stream.shard_of(item.nodeid, shard) == shard["index"]]
     done = set(resume.get("done", []))
     if done:
         config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])

@@ -105,13 +105,14 @@ def crash_line(crash: dict) -> str:
     """One crash of the run, where and in which boot it happened first, since the title alone does not say."""
     where = crash["during"] if crash["during"] == "between tests" else f"during {crash['during']}"
     fatal = ", fatal" if crash["fatal"] else ""
-    return f"CRASH {where} (boot {crash['boot']}, {crash['kind']}{fatal}): {crash['title']}"
+    shard = f"shard {crash['shard']}, " if "shard" in crash else ""
+    return f"CRASH {where} ({shard}boot {crash['boot']}, {crash['kind']}{fatal}): {crash['title']}"
 
 
 def survival(doc: dict) -> list[str]:
-    """The kernel's survival of the run: boots beyond the first, each crash, and why it ended early if it did."""
-    boots = doc.get("boots", 1)
-    return ([f"boots: {boots}"] if boots > 1 else []) + [crash_line(c) for c in doc.get("crashes", [])] + \
+    """The kernel's survival of the run: boots beyond one per shard, each crash, and why it ended early if it did."""
+    boots, shards = doc.get("boots", 1), doc.get("shards", 1)
+    return ([f"shards: {shards}"] if shards > 1 else []) + ([f"boots: {boots}"] if boots > shards else []) + [crash_line(c) for c in doc.get("crashes", [])] + \
         ([f"INCOMPLETE: {doc['incomplete']}"] if doc.get("incomplete") else [])
 
 

@@ -118,6 +118,11 @@ def load_resume() -> dict:
     return json.loads(Path(path).read_text())
 
 
+def shard_of(nodeid: str, plan: dict) -> int:
+    """The shard (1..count) that runs a test: the host's plan names it, else its file does, alike in every shard."""
+    return plan["tests"].get(nodeid) or zlib.crc32(nodeid.split("::")[0].encode()) % plan["count"] + 1
+
+
 def cmdline_hook(nodeid: str, cmdline: str | None = None) -> str | None:
     """'crash', 'hang' or 'freeze' when the kernel command line names this test in a test-only hook."""
     if cmdline is None:

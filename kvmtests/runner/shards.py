@@ -1,0 +1,136 @@
+"""One cell's suite over several emulators at once: which shard runs which test, how many shards the machine
+holds, and the one result of them all (every test once, one host, one answer per feature group)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvmtests.verdict import features, report
+
+# Host memory one emulator needs beyond the guest's own: QEMU's or Bochs's process, the console reader.
+EMULATOR_OVERHEAD_MB = 512
+
+
+def default_count(jobs: int, guest_mb: int, cores: int | None = None, available_mb: int | None = None) -> int:
+    """Shards per cell: a core each (an emulator runs one vCPU on one host thread), the cores shared among the
+    --jobs cells, and no more guests than the available memory holds."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    available_mb = available_mb if available_mb is not None else _available_mb()
+    by_memory = available_mb // ((guest_mb + EMULATOR_OVERHEAD_MB) * max(jobs, 1))
+    return max(1, min(cores // max(jobs, 1), by_memory))
+
+
+def _available_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def collect(command: Sequence[str], cwd: Path) -> list[str] | None:
+    """The node ids the guest will collect, collected on the host from the same tree and arguments (None when
+    the host cannot collect them: then each file's shard is decided by its name)."""
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"})
+    if done.returncode != 0:
+        return None
+    return [line for line in done.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+
+
+def durations(path: Path) -> dict[str, float]:
+    """Each test's duration in an earlier results.json of the suite (empty when there is none or it is damaged)."""
+    try:
+        doc = report.load(path)
+    except (report.NotResults, OSError):
+        return {}
+    return {t["nodeid"]: float(t.get("duration") or 0.0) for t in doc["tests"] if t["outcome"] != "blocked"}
+
+
+def plan(nodeids: Sequence[str], known: dict[str, float], count: int) -> dict:
+    """Assign every test a shard, heaviest first onto the lightest shard: by each test's earlier duration when
+    one is at hand (a test without one weighs the median), else by file, each file weighing its test count."""
+    loads = [0.0] * count
+    tests: dict[str, int] = {}
+    if known:
+        typical = statistics.median(known.values())
+        weights = {n: known.get(n, typical) for n in nodeids}
+        units = {n: [n] for n in nodeids}
+    else:
+        units = {}
+        for n in nodeids:
+            units.setdefault(n.split("::")[0], []).append(n)
+        weights = {f: float(len(ns)) for f, ns in units.items()}
+    for unit in sorted(units, key=lambda u: (-weights[u], u)):
+        shard = loads.index(min(loads))
+        loads[shard] += weights[unit]
+        tests.update({n: shard + 1 for n in units[unit]})
+    return {"count": count, "tests": tests}
+
+
+def merge(docs: list[dict]) -> dict:
+    """One document of every shard's: the tests (each once), one host identity and feature detection (a shard
+    that saw otherwise is a finding and fails the run), the crashes with their shard, the boots of all."""
+    findings: list[str] = []
+    tests: dict[str, dict] = {}
+    for i, doc in enumerate(docs, 1):
+        for t in doc["tests"]:
+            if t["nodeid"] in tests:
+                findings.append(f"{t['nodeid']} ran in two shards; shard {i}'s verdict is kept")
+            tests[t["nodeid"]] = t
+    first = docs[0]
+    for i, doc in enumerate(docs[1:], 2):
+        differs = sorted(k for k in first["host"].keys() | doc["host"].keys()
+                         if first["host"].get(k) != doc["host"].get(k))
+        if differs:
+            findings.append(f"shard {i} reports another host than shard 1 ({', '.join(differs)} differ)")
+    detected = _features(docs, findings)
+    disagree = bool(findings)
+    for finding in dict.fromkeys(f for doc in docs for f in doc["findings"]):
+        where = [i for i, doc in enumerate(docs, 1) if finding in doc["findings"]]
+        findings.append(finding if len(where) == len(docs) else f"shard {', '.join(map(str, where))}: {finding}")
+    merged = report.build(first["host"], {}, findings, first["required"], list(tests.values()),
+                          max(d["exitstatus"] for d in docs))
+    merged["features"] = detected
+    if disagree:
+        merged["exitstatus"] = max(merged["exitstatus"], 1)
+    merged["crashes"] = [c | {"shard": i} for i, doc in enumerate(docs, 1) for c in doc.get("crashes", [])]
+    merged["boots"] = sum(d.get("boots", 1) for d in docs)
+    merged["shards"] = len(docs)
+    merged["incomplete"] = "; ".join(f"shard {i}: {d['incomplete']}" for i, d in enumerate(docs, 1)
+                                     if d.get("incomplete"))
+    return merged
+
+
+def _features(docs: list[dict], findings: list[str]) -> dict[str, dict]:
+    """Every group's detection, which must be the same in every shard: the kernel and command line are."""
+    out = {}
+    for group in features.GROUPS:
+        seen = [d["features"].get(group, {"state": features.UNKNOWN, "how": "not detected"}) for d in docs]
+        if all(s["state"] == seen[0]["state"] for s in seen):
+            out[group] = seen[0]
+            continue
+        answers = "; ".join(f"shard {i}: {s['state']} ({s['how']})" for i, s in enumerate(seen, 1))
+        findings.append(f"feature detection differs between shards for {group}: {answers}")
+        out[group] = {"state": features.UNKNOWN, "how": f"the shards disagree: {answers}"}
+    return out
+
+
+def write_plan(path: Path, shard_plan: dict, index: int) -> None:
+    """The plan one shard's runner reads (--shard-plan): the whole assignment and which shard it is."""
+    path.write_text(json.dumps(shard_plan | {"index": index}))
+
+
+def read_plan(path: Path) -> dict:
+    """The plan a shard's runner was handed, checked enough that a bad file is one line, not a traceback."""
+    try:
+        got = json.loads(path.read_text())
+        if not (isinstance(got["tests"], dict) and 1 <= int(got["index"]) <= int(got["count"])):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a shard plan written by kvmtests qualify") from None
+    return got
+
