@@ -8,7 +8,7 @@ import sys
 from tabulate import tabulate
 
 from . import bench
-from .runner import kernels, qualify
+from .runner import kernels, lava, qualify
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("candidate", metavar="CANDIDATE.json")
     cp.add_argument("--json", action="store_true", help="the comparison as JSON (the verdict in its 'verdict' key)")
     cp.set_defaults(func=_compare)
-    for module in (bench, qualify, kernels):
+    for module in (bench, qualify, lava, kernels):
         module.register(sub)
     return p
 
@@ -102,6 +102,9 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lava"] and argv[1:2] != [] and argv[1] not in (*lava.SUBCOMMANDS, "-h", "--help"):
+        argv = ["lava", "jobs", *argv[1:]]    # `kvmtests lava --kernel ...` writes jobs
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -98,7 +98,8 @@ def amd_npt() -> bool:
 
 
 def qemu_accel(cmdline: str | None = None) -> str | None:
-    """The QEMU accelerator (tcg, kvm) under kvmtests qualify, or bochs for its Bochs runs, else None."""
+    """The QEMU accelerator (tcg, kvm) under kvmtests qualify, bochs for its Bochs runs, lava:DEVICE-TYPE in a
+    LAVA job kvmtests lava wrote, else None."""
     accel = os.environ.get("KVMTESTS_ACCEL")
     for word in ((_read("/proc/cmdline") if cmdline is None else cmdline) or "").split():
         if word.startswith("kvmtests.accel="):
@@ -128,6 +129,8 @@ def environment() -> str:
     accel = qemu_accel()
     if accel == "bochs":
         return "Bochs (kvmtests qualify)"
+    if accel and accel.startswith("lava:"):
+        return f"LAVA device type {accel.removeprefix('lava:')} (kvmtests lava)"
     if accel:
         return f"QEMU/{accel.upper()} (kvmtests qualify)"
     cpuinfo = _read("/proc/cpuinfo") or ""

@@ -44,6 +44,7 @@ class GuestPlan:
     root_tag: str
     results_tag: str
     host_files: Sequence[HostFile] = ()  # non-empty: a self-contained guest, results come back on the console
+    lab: str = ""   # a LAVA guest: /init ends in a shell; this reporting command runs after the suite (kvmtests-suite)
 
     @property
     def self_contained(self) -> bool:
@@ -214,7 +215,7 @@ case "$(grep -m1 vendor_id /proc/cpuinfo)" in
   *GenuineIntel*) load intel ;;
 esac
 {_text_bases()}
-{_local_root(plan) if plan.self_contained else _shared_root(plan)}
+{_lab_root(plan) if plan.lab else _local_root(plan) if plan.self_contained else _shared_root(plan)}
 poweroff -f
 echo o > /proc/sysrq-trigger
 sleep 5
@@ -302,6 +303,38 @@ echo $rc > {results}/rc
 {results_to_console(plan.results_dir)}"""
 
 
+LAB_SUITE = "bin/kvmtests-suite"      # in a LAVA guest: the test definition's one step
+LAB_READY = "kvmtests: ready for the lab's test shell"   # /init's last line before the shell
+
+
+def _lab_root(plan: GuestPlan) -> str:
+    """Prepare the suite's file systems, then leave the console to the lab's test shell (LAVA logs in at its
+    prompt, adds its overlay's helpers to PATH and runs kvmtests-suite)."""
+    return f"""{_special_mounts("")}
+chmod 1777 /tmp
+mkdir -p {shlex.quote(str(plan.results_dir))}
+echo "{LAB_READY}"
+export HOME=/root PS1='/ # '
+exec setsid cttyhack /bin/sh -i"""
+
+
+def lab_suite_script(plan: GuestPlan) -> str:
+    """kvmtests-suite: the suite as /init runs it elsewhere (marks, deadline watchdog, rc), then the report of
+    every test to the lab, with the kernel's console messages held back meanwhile (none may land in the results
+    block); it exits 0, the verdicts being the test cases, so the lab's shell goes on."""
+    results = shlex.quote(str(plan.results_dir))
+    return f"""#!/bin/sh
+mark() {{ echo "{MARK} $1 $(cut -d' ' -f1 /proc/uptime) $2"; }}
+{_suite(plan, "")}
+echo $rc > {results}/rc
+level=$(cut -f1 /proc/sys/kernel/printk)
+dmesg -n 1
+{plan.lab}
+dmesg -n $level
+exit 0
+"""
+
+
 def cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0,
                mtime: int = 0) -> bytes:
     """One newc cpio record, padded to 4 bytes as the kernel's unpacker expects."""
@@ -349,9 +382,11 @@ def build(out: Path, busybox: Path, modules_dir: Path | None, plan: GuestPlan) -
     else:
         groups, modules, absent = collect_modules(modules_dir, shares=not plan.self_contained)
     files = {"bin/busybox": find_busybox(busybox).read_bytes(), "init": init_script(plan).encode()}
+    if plan.lab:
+        files[LAB_SUITE] = lab_suite_script(plan).encode()
     files.update({f"modules/{g}.list": "".join(m + "\n" for m in order).encode() for g, order in groups.items()})
     files.update({f"modules/{name}.ko": data for name, data in modules.items()})
     dirs = ["bin", "proc", "sys", "modules"]
-    archive = cpio_archive(files, dirs, {"bin/busybox", "init"}, plan.host_files)
+    archive = cpio_archive(files, dirs, {"bin/busybox", "init", LAB_SUITE}, plan.host_files)
     out.write_bytes(archive if plan.self_contained else gzip.compress(archive, compresslevel=1))
     return absent
