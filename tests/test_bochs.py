@@ -193,6 +193,7 @@ def test_environment_names_bochs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host, "_read", lambda path: "console=ttyS0" if path == "/proc/cmdline" else None)
     assert host.environment() == "Bochs (kvmtests qualify)"
     assert "kvmtests.accel=bochs tsc_early_khz=" in qualify.kernel_cmdline("bochs", bochs.kernel_params())
+    assert qualify.kernel_cmdline("bochs").startswith("console=ttyS0,115200 "), "Bochs's UART keeps to the baud rate"
 
 
 def test_cli_missing_bochs(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
