@@ -320,7 +320,8 @@ def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.Bo
     plan = initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(GUEST_RESULTS, pytest_args(args.pytest_args), args.require),
         env=guest_env("bochs", os.environ, GUEST_RESULTS, cell.test_timeout), results_dir=GUEST_RESULTS,
-        root_tag="", results_tag="", host_files=tuple(rootfs.collect(PROJECT_DIR)))
+        root_tag="", results_tag="",
+        host_files=(*rootfs.collect(PROJECT_DIR), *rootfs.bytecode(PROJECT_DIR, tmp / "bytecode")))
     base, initrd, iso = tmp / "initramfs.cpio", tmp / "boot.cpio", tmp / "boot.iso"
     _initramfs(base, cell, plan)
     append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {cell.append}")
