@@ -102,6 +102,28 @@ def test_collect_brings_python_binutils_libraries_and_the_project() -> None:
         assert any(p.endswith("/crti.o") for p in files) and any(p.endswith("/libc_nonshared.a") for p in files)
 
 
+def test_bytecode_is_the_guests_own_compiled_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modules compiled and test modules rewritten as pytest does, under __pycache__ beside their sources, valid for
+    the sources' mtime and size (which the initramfs keeps); nothing is written into the project itself."""
+    project = tmp_path / "project"
+    (project / "pkg").mkdir(parents=True)
+    (project / "tests").mkdir()
+    (project / "pyproject.toml").write_text('[tool.pytest.ini_options]\ntestpaths = ["tests"]\n')
+    (project / "pkg" / "__init__.py").write_text("")
+    (project / "pkg" / "mod.py").write_text("X = 1\n")
+    (project / "tests" / "test_x.py").write_text("from pkg.mod import X\n\ndef test_x():\n    assert X == 1\n")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")   # as on a host that keeps its checkout clean
+    files = {f.path: f.source for f in rootfs.bytecode(project, tmp_path / "out")}
+    root, tag = str(project).lstrip("/"), sys.implementation.cache_tag
+    assert f"{root}/pkg/__pycache__/mod.{tag}.pyc" in files
+    rewritten = [p for p in files if p.startswith(f"{root}/tests/__pycache__/test_x.{tag}-pytest-")]
+    assert rewritten, "the test module as pytest's assertion rewriting leaves it"
+    source = project / "pkg" / "mod.py"
+    header = files[f"{root}/pkg/__pycache__/mod.{tag}.pyc"].read_bytes()[:16]
+    assert struct.unpack("<4sIII", header)[1:] == (0, int(source.stat().st_mtime), source.stat().st_size)
+    assert not list(project.rglob("__pycache__"))
+
+
 def test_missing_dependency_is_one_line() -> None:
     with pytest.raises(RunnerError, match="needs the Python package no-such-dist-kvmtests, which is not installed"):
         rootfs.distributions(["no-such-dist-kvmtests"])
@@ -193,6 +215,7 @@ def test_environment_names_bochs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host, "_read", lambda path: "console=ttyS0" if path == "/proc/cmdline" else None)
     assert host.environment() == "Bochs (kvmtests qualify)"
     assert "kvmtests.accel=bochs tsc_early_khz=" in qualify.kernel_cmdline("bochs", bochs.kernel_params())
+    assert qualify.kernel_cmdline("bochs").startswith("console=ttyS0,115200 "), "Bochs's UART keeps to the baud rate"
 
 
 def test_cli_missing_bochs(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,6 +275,7 @@ sys.exit(1)
     monkeypatch.setattr(bochs, "find_tools", lambda: bochs.BochsTools(str(fake), "xorriso", tools(tmp_path).files))
     monkeypatch.setattr(bochs, "make_iso", lambda out, *rest: out.write_bytes(b"iso"))
     monkeypatch.setattr(rootfs, "collect", lambda project: [])
+    monkeypatch.setattr(rootfs, "bytecode", lambda project, out: [])
     monkeypatch.setattr(initramfs, "BUSYBOX", busybox)
     assert run_cli(["--kernel", str(make_image(tmp_path)), "--cpu", "intel", "--results", str(results)]) == 0
     out = capsys.readouterr().out

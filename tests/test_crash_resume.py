@@ -373,6 +373,7 @@ def under_bochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.
 
     monkeypatch.setattr(bochs, "make_iso", make_iso)
     monkeypatch.setattr(rootfs, "collect", lambda project: [rootfs.HostFile("etc/kvmtests", Path(__file__), False)])
+    monkeypatch.setattr(rootfs, "bytecode", lambda project, out: [])
     return run
 
 

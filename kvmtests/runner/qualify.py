@@ -134,10 +134,11 @@ def guest_env(accel: str, host_env: Mapping[str, str], results: Path, test_timeo
 
 
 def kernel_cmdline(accel: str, extra: str = "") -> str:
-    """Console on the serial port, time stamps on the kernel's lines (they tell them from the suite's), a panic ends
-    the run, the suite can tell which emulator it runs in; then --append (kvmtests.accel= names QEMU's accelerator,
-    or bochs)."""
-    return f"console=ttyS0 printk.time=1 panic=-1 kvmtests.accel={accel} {extra}".strip()
+    """Console on the serial port at the 16550's fastest rate (Bochs keeps to the rate: at the kernel's default 9600
+    baud the suite's events and results took minutes to send), time stamps on the kernel's lines (they tell them
+    from the suite's), a panic ends the run, the suite can tell which emulator it runs in; then --append
+    (kvmtests.accel= names QEMU's accelerator, or bochs)."""
+    return f"console=ttyS0,115200 printk.time=1 panic=-1 kvmtests.accel={accel} {extra}".strip()
 
 
 def qemu_cpu(cpu: str | None, accel: str) -> str:
@@ -416,7 +417,8 @@ def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.Bo
     plan = initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(GUEST_RESULTS, pytest_args(args.pytest_args), args.require),
         env=guest_env("bochs", os.environ, GUEST_RESULTS, cell.test_timeout), results_dir=GUEST_RESULTS,
-        root_tag="", results_tag="", host_files=tuple(rootfs.collect(PROJECT_DIR)))
+        root_tag="", results_tag="",
+        host_files=(*rootfs.collect(PROJECT_DIR), *rootfs.bytecode(PROJECT_DIR, tmp / "bytecode")))
     base, initrd, iso = tmp / "initramfs.cpio", tmp / "boot.cpio", tmp / "boot.iso"
     _initramfs(base, cell, plan)
     append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {cell.append}")
