@@ -1,7 +1,7 @@
 """CI: a qualification with a crash forced at one test against the clean run of the same kernel.
 
 Every other test keeps its verdict, the culprit is crashed with a title naming sysrq, the run took one boot more
-than the clean one, and the comparison names the culprit alone."""
+than it has shards, and the comparison names the culprit alone."""
 import sys
 
 from kvmtests.verdict import compare, report
@@ -17,7 +17,7 @@ def check(clean_path: str, crashed_path: str, culprit: str) -> list[str]:
     test = got.get(culprit)
     if test is None or test["outcome"] != "crashed" or "sysrq" not in test["message"]:
         problems.append(f"{culprit}: {test and (test['outcome'], test['message'])}, expected crashed with a sysrq title")
-    boots = clean.get("boots", 1) + 1   # one boot per shard, and one more for the crashed shard
+    boots = crashed.get("shards", 1) + 1   # one boot per shard, and one more for the crashed shard
     if crashed.get("boots") != boots:
         problems.append(f"{crashed.get('boots')} boots, expected {boots}")
     doc = compare.compare(clean, crashed)

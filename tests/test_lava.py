@@ -120,7 +120,7 @@ def events(crash_at: str) -> list[str]:
 
 
 def test_a_job_that_ended_in_a_kernel_crash_keeps_every_streamed_verdict(tmp_path: Path) -> None:
-    _, kind, title = test_crash.REPORTS["sysrq panic"]
+    _, _, title = test_crash.REPORTS["sysrq panic"]
     (tmp_path / "job.log").write_text(as_log(events(ODD)))
     doc = labresults.load(tmp_path / "job.log")
     got = {t["nodeid"]: t["outcome"] for t in doc["tests"]}
