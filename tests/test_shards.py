@@ -4,6 +4,7 @@ test_crash_resume (each shard and each cell a child `kvmtests qualify` process, 
 from __future__ import annotations
 
 import io
+import os
 import json
 import subprocess
 import sys
@@ -245,3 +246,28 @@ def test_a_bad_shard_plan_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
                     "--results", str(tmp_path / "out")]) == qualify.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"qualify: --shard-plan: {tmp_path / 'plan.json'} is not a shard plan written by kvmtests qualify"]
+
+
+def test_a_test_only_the_guest_collects_goes_with_its_file() -> None:
+    plan = shards.plan(COLLECTED, {}, 2)
+    big = plan["tests"][COLLECTED[0]]
+    assert stream.shard_of("tests/test_big.py::test_new[guest-only]", plan) == big
+    assert [stream.shard_needs("tests/test_big.py", plan | {"index": i}) for i in (1, 2)] == [big == 1, big == 2]
+    unplanned = [stream.shard_needs("tests/test_unknown.py", plan | {"index": i}) for i in (1, 2)]
+    assert sorted(unplanned) == [False, True], "a file the host never saw: exactly one shard imports it"
+
+
+def test_a_shard_imports_only_the_files_it_runs_tests_of(tmp_path: Path) -> None:
+    """The guest's plugin with a shard plan in its resume file: the other shard's files are never imported."""
+    for name in ("test_a", "test_b"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / name)!r} + '.imported', 'w')\n"
+                                             "def test_one(): pass\ndef test_two(): pass\n")
+    plan = shards.plan(["test_a.py::test_one", "test_a.py::test_two", "test_b.py::test_one",
+                        "test_b.py::test_two"], {}, 2)
+    (tmp_path / "resume.json").write_text(json.dumps({"shard": plan | {"index": plan["tests"]["test_b.py::test_one"]}}))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "kvmtests.verdict.plugin", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "--kvmtests-stream=/dev/null", "--rootdir", str(tmp_path),
+                           str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {stream.RESUME_ENV: str(tmp_path / "resume.json")})
+    assert "test_b.py::test_one" in done.stdout and "test_a.py" not in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "test_b.imported").exists() and not (tmp_path / "test_a.imported").exists()

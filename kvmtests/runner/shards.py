@@ -68,7 +68,10 @@ def plan(nodeids: Sequence[str], known: dict[str, float], count: int) -> dict:
         shard = loads.index(min(loads))
         loads[shard] += weights[unit]
         tests.update({n: shard + 1 for n in units[unit]})
-    return {"count": count, "tests": tests}
+    files: dict[str, int] = {}
+    for n in nodeids:   # a test only the guest collects goes with its file's first test
+        files.setdefault(n.split("::")[0], tests[n])
+    return {"count": count, "tests": tests, "files": files}
 
 
 def merge(docs: list[dict]) -> dict:
@@ -128,7 +131,8 @@ def read_plan(path: Path) -> dict:
     """The plan a shard's runner was handed, checked enough that a bad file is one line, not a traceback."""
     try:
         got = json.loads(path.read_text())
-        if not (isinstance(got["tests"], dict) and 1 <= int(got["index"]) <= int(got["count"])):
+        if not (isinstance(got["tests"], dict) and isinstance(got["files"], dict)
+                and 1 <= int(got["index"]) <= int(got["count"])):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"{path} is not a shard plan written by kvmtests qualify") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from pathlib import Path
 from collections.abc import Generator, Iterator
 
 import pytest
@@ -104,6 +105,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """A shard does not import the test files it runs no test of (the guest's collection is slow under Bochs)."""
+    shard = config.stash.get(_resume, {}).get("shard")
+    if not shard or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    try:
+        file = collection_path.relative_to(config.rootpath).as_posix()
+    except ValueError:
+        return None
+    return True if not stream.shard_needs(file, shard) else None
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:

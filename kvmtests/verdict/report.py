@@ -112,7 +112,8 @@ def crash_line(crash: dict) -> str:
 def survival(doc: dict) -> list[str]:
     """The kernel's survival of the run: boots beyond one per shard, each crash, and why it ended early if it did."""
     boots, shards = doc.get("boots", 1), doc.get("shards", 1)
-    return ([f"shards: {shards}"] if shards > 1 else []) + ([f"boots: {boots}"] if boots > shards else []) + [crash_line(c) for c in doc.get("crashes", [])] + \
+    return ([f"shards: {shards}"] if shards > 1 else []) + ([f"boots: {boots}"] if boots > shards else []) + \
+        [crash_line(c) for c in doc.get("crashes", [])] + \
         ([f"INCOMPLETE: {doc['incomplete']}"] if doc.get("incomplete") else [])
 
 

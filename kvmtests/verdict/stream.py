@@ -119,8 +119,18 @@ def load_resume() -> dict:
 
 
 def shard_of(nodeid: str, plan: dict) -> int:
-    """The shard (1..count) that runs a test: the host's plan names it, else its file does, alike in every shard."""
-    return plan["tests"].get(nodeid) or zlib.crc32(nodeid.split("::")[0].encode()) % plan["count"] + 1
+    """The shard (1..count) that runs a test: the host's plan names it, else its file's first planned test's
+    shard, else the file's name decides; alike in every shard."""
+    file = nodeid.split("::")[0]
+    return plan["tests"].get(nodeid) or plan["files"].get(file) or zlib.crc32(file.encode()) % plan["count"] + 1
+
+
+def shard_needs(file: str, plan: dict) -> bool:
+    """Whether this shard (plan["index"]) runs any test of a test file, so that the others need not import it."""
+    if file in plan["files"]:
+        return any(shard == plan["index"] for nodeid, shard in plan["tests"].items()
+                   if nodeid.split("::")[0] == file)
+    return shard_of(file, plan) == plan["index"]
 
 
 def cmdline_hook(nodeid: str, cmdline: str | None = None) -> str | None:
