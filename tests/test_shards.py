@@ -39,12 +39,24 @@ def test_a_plan_runs_every_test_once_and_keeps_files_together_without_durations(
     assert {plan["tests"][n] for n in COLLECTED[6:]} == {3 - big.pop()}, "the small files fill the other shard"
 
 
-def test_a_plan_balances_by_earlier_durations() -> None:
-    """Heaviest first onto the lightest shard: the 10 s test with at most one other, the rest of its file apart."""
+def test_a_plan_balances_by_earlier_durations_keeping_files_that_fit_whole() -> None:
+    """The file with a 10 s test is heavier than a shard's share: its tests are spread; the small files stay whole."""
     known = {n: 1.0 for n in COLLECTED} | {COLLECTED[0]: 10.0}
     plan = shards.plan(COLLECTED, known, 2)
-    assert sorted(loads(plan, known)) == [10.0, 11.0]
-    assert len([n for n, s in plan["tests"].items() if s == plan["tests"][COLLECTED[0]]]) <= 2
+    assert sorted(plan["tests"]) == sorted(COLLECTED)
+    for small in ("tests/test_a.py", "tests/test_b.py"):
+        assert len({s for n, s in plan["tests"].items() if n.startswith(small)}) == 1
+    assert len({plan["tests"][n] for n in COLLECTED[:6]}) == 2
+    heavy = plan["tests"][COLLECTED[0]]
+    assert not any(plan["tests"][n] == heavy for n in COLLECTED[6:]), "the small files go beside the light tests"
+    assert sorted(loads(plan, known)) == [9.0, 12.0]
+
+
+def test_a_plan_by_durations_keeps_every_file_whole_when_each_fits() -> None:
+    known = {n: 1.0 for n in COLLECTED}
+    plan = shards.plan(COLLECTED, known, 2)
+    assert {plan["tests"][n] for n in COLLECTED[:6]} != {plan["tests"][n] for n in COLLECTED[6:]}
+    assert len({plan["tests"][n] for n in COLLECTED[:6]}) == 1
 
 
 def test_a_test_without_an_earlier_duration_weighs_the_median() -> None:
