@@ -163,9 +163,11 @@ def test_the_guest_script_reports_after_the_suite_with_the_console_quiet() -> No
 SELECTION = ["tests/test_lifecycle.py", "tests/test_hv_cpuid.py"]
 
 
+@pytest.mark.slow
 def test_a_written_job_runs_under_lava_run_to_the_qualify_verdicts(tmp_path: Path) -> None:
     """`kvmtests lava` writes the job, lava-run (no server) runs it on QEMU, `kvmtests lava results` takes the log
-    back, and compare finds no change from a qualify run of the same kernel and selection."""
+    back, and compare finds no change from a qualify run of the same kernel and selection (two emulated boots:
+    opt-in with -m slow; .ci/run does the same with the whole suite)."""
     if shutil.which("lava-run") is None:
         pytest.skip("needs Debian's lava-dispatcher (apt-get install lava-dispatcher) for lava-run")
     if os.geteuid() != 0:
