@@ -1,7 +1,9 @@
 /* The C side of `kvmtests bench`: the same ioctl sequences as the Python layers, timed the same way.
- * usage: ops OP ITERATIONS GUEST_IMAGE; prints nanoseconds per operation. KVM fds cannot be shared
- * across processes, so the guest comes as an image the Python side wrote: memory size (u64), kvm_regs,
- * kvm_sregs, the CPUID entry count (u32) and entries, then guest memory loaded at GPA 0. */
+ * usage: ops serve GUEST_IMAGE, then one "OP N" line per batch on stdin, one answer line each (ns per
+ * operation; median and p99 for pio), so that C batches interleave with the Python side's in one VM that
+ * stays warm, as the Python side's does; or ops vtl_call|protect N GUEST_IMAGE, once. KVM fds cannot be
+ * shared across processes, so the guest comes as an image the Python side wrote: memory size (u64),
+ * kvm_regs, kvm_sregs, the CPUID entry count (u32) and entries, then guest memory loaded at GPA 0. */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -350,13 +352,12 @@ static int vsm_op(int kvm, const char *op, long n, const char *image)
 }
 
 /* Plain port-I/O exits, timed one by one like the VTL switches: median and p99 in ns. */
-static int pio_op(int vcpu, int kvm, long n)
+static void pio_op(int vcpu, struct kvm_run *run, long n)
 {
-	long size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-	struct kvm_run *run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
 	double *t = calloc(n, sizeof(*t));
-	if (run == MAP_FAILED)
-		die("mmap");
+	for (long i = 0; i < n / 10 + 1; i++) /* warm-up, as the Python side */
+		if (ioctl(vcpu, KVM_RUN, 0) < 0)
+			die("KVM_RUN");
 	for (long i = 0; i < n; i++) {
 		double t0 = now_ns();
 		if (ioctl(vcpu, KVM_RUN, 0) < 0 || run->exit_reason != KVM_EXIT_IO)
@@ -364,25 +365,17 @@ static int pio_op(int vcpu, int kvm, long n)
 		t[i] = now_ns() - t0;
 	}
 	print_median_p99(t, n);
-	return 0;
+	free(t);
 }
 
-int main(int argc, char **argv)
+/* The memslot batch's slot, as bench/__init__.py MEMSLOT: slot 1 at 1 GiB, 2 MiB of its own untouched mapping. */
+#define SLOT_ID 1
+#define SLOT_GPA (1ULL << 30)
+#define SLOT_SIZE (2ULL << 20)
+
+/* One batch of n operations in the served VM: ns per operation. */
+static double batch(const char *op, long n, int kvm, int vm, int vcpu, struct kvm_run *run, void *slot_mem)
 {
-	if (argc < 4)
-		return 2;
-	const char *op = argv[1];
-	long n = atol(argv[2]);
-	int vm, vcpu;
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	if (kvm < 0)
-		die("/dev/kvm");
-	alarm(120); /* a hung KVM_RUN ends the process instead of the benchmark */
-	if (!strcmp(op, "vtl_call") || !strcmp(op, "protect"))
-		return vsm_op(kvm, op, n, argv[3]);
-	load_guest(kvm, argv[3], &vm, &vcpu);
-	if (!strcmp(op, "pio"))
-		return pio_op(vcpu, kvm, n);
 	double t0 = now_ns();
 	if (!strcmp(op, "vm")) {
 		for (long i = 0; i < n; i++) {
@@ -391,30 +384,30 @@ int main(int argc, char **argv)
 				die("KVM_CREATE_VM");
 			close(fd);
 		}
-	} else if (!strcmp(op, "vcpu")) {
+	} else if (!strcmp(op, "vcpu")) { /* fresh ids need a fresh VM, made and closed outside the timing */
 		long size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
 		int fd = ioctl(kvm, KVM_CREATE_VM, 0);
+		if (fd < 0)
+			die("KVM_CREATE_VM");
 		t0 = now_ns();
 		for (long i = 0; i < n; i++) {
 			int v = ioctl(fd, KVM_CREATE_VCPU, i);
 			if (v < 0)
 				die("KVM_CREATE_VCPU");
-			void *run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, v, 0);
-			if (run == MAP_FAILED)
+			void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, v, 0);
+			if (map == MAP_FAILED)
 				die("mmap");
-			munmap(run, size);
+			munmap(map, size);
 			close(v);
 		}
 		double t = now_ns() - t0;
 		close(fd);
-		printf("%.1f\n", t / n);
-		return 0;
+		return t / n;
 	} else if (!strcmp(op, "memslot")) {
-		void *mem = mmap(NULL, 2 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		struct kvm_userspace_memory_region r = { .slot = 1, .guest_phys_addr = 1ULL << 30,
-							 .userspace_addr = (unsigned long)mem };
+		struct kvm_userspace_memory_region r = { .slot = SLOT_ID, .guest_phys_addr = SLOT_GPA,
+							 .userspace_addr = (unsigned long)slot_mem };
 		for (long i = 0; i < n; i++) {
-			r.memory_size = 2 << 20;
+			r.memory_size = SLOT_SIZE;
 			if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &r) < 0)
 				die("add slot");
 			r.memory_size = 0;
@@ -422,17 +415,9 @@ int main(int argc, char **argv)
 				die("remove slot");
 		}
 	} else if (!strcmp(op, "run")) {
-		long size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-		struct kvm_run *run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
-		if (run == MAP_FAILED)
-			die("mmap");
-		t0 = now_ns();
 		for (long i = 0; i < n; i++)
 			if (ioctl(vcpu, KVM_RUN, 0) < 0 || run->exit_reason != KVM_EXIT_IO)
 				die("KVM_RUN");
-		double t = now_ns() - t0;
-		printf("%.1f\n", t / n);
-		return 0;
 	} else if (!strcmp(op, "regs")) {
 		struct kvm_regs regs;
 		for (long i = 0; i < n; i++)
@@ -444,8 +429,46 @@ int main(int argc, char **argv)
 			if (ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, &a) < 0)
 				die("KVM_SET_MEMORY_ATTRIBUTES");
 	} else {
-		return 2;
+		fprintf(stderr, "unknown operation %s\n", op);
+		exit(2);
 	}
-	printf("%.1f\n", (now_ns() - t0) / n);
+	return (now_ns() - t0) / n;
+}
+
+/* Answer "OP N" lines until stdin closes; each batch is bounded by its own alarm. */
+static int serve(int kvm, const char *image)
+{
+	int vm, vcpu;
+	char op[16];
+	long n;
+	load_guest(kvm, image, &vm, &vcpu);
+	long size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	struct kvm_run *run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+	void *slot_mem = mmap(NULL, SLOT_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+			      -1, 0);
+	if (run == MAP_FAILED || slot_mem == MAP_FAILED)
+		die("mmap");
+	while (scanf("%15s %ld", op, &n) == 2 && n > 0) {
+		alarm(120); /* a hung KVM_RUN ends the process instead of the benchmark */
+		if (!strcmp(op, "pio"))
+			pio_op(vcpu, run, n);
+		else
+			printf("%.1f\n", batch(op, n, kvm, vm, vcpu, run, slot_mem));
+		alarm(0);
+		fflush(stdout);
+	}
 	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm < 0)
+		die("/dev/kvm");
+	if (argc == 3 && !strcmp(argv[1], "serve"))
+		return serve(kvm, argv[2]);
+	if (argc != 4 || (strcmp(argv[1], "vtl_call") && strcmp(argv[1], "protect")))
+		return 2;
+	alarm(120);
+	return vsm_op(kvm, argv[1], atol(argv[2]), argv[3]);
 }

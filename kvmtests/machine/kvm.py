@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -329,6 +331,9 @@ class Exit:
 
 
 _KVM_RUN, _NO_ARG = uapi.KVM_RUN, ffi.cast("unsigned long", 0)
+# Vcpu.run's inlined watcher.arm/disarm
+_armed, _next_token = watcher.armed, watcher.next_token
+_monotonic, _get_ident = time.monotonic, threading.get_ident
 _KVM_SET_USER_MEMORY_REGION, _REGION = (uapi.KVM_SET_USER_MEMORY_REGION,
                                         ffi.typeof("struct kvm_userspace_memory_region *"))
 _KVM_SET_MEMORY_ATTRIBUTES, _ATTRS = (uapi.KVM_SET_MEMORY_ATTRIBUTES,
@@ -377,17 +382,22 @@ class Vcpu:
             self.run_struct.immediate_exit = 0
 
     def run(self, timeout: float = 5.0) -> Exit:
-        """One KVM_RUN bounded by the watchdog; a timeout shows as Exit.timed_out."""
+        """One KVM_RUN bounded by the watchdog; a timeout shows as Exit.timed_out. watcher.arm/disarm and
+        uapi.ioctl are inlined (a method call each costs as much as the work): this is the hot path."""
+        if watcher.thread is None:   # started by the first run, not by the first vCPU: tests count threads and maps
+            watcher.start()
         run = self.run_struct
-        token = watcher.arm(run, timeout)
-        ret = _libc.ioctl(self.fd, _KVM_RUN, _NO_ARG)   # uapi.ioctl inlined: this is the hot path
+        _armed[token := _next_token()] = [_monotonic() + timeout, run, _get_ident()]
+        ret = _libc.ioctl(self.fd, _KVM_RUN, _NO_ARG)
         err = ffi.errno if ret < 0 else 0
-        if watcher.disarm(token):
+        if _armed.pop(token, None) is None:
+            watcher.wait_kicked()
             run.immediate_exit = 0
-            self.last_exit = Exit(ret, err, run.exit_reason, err == errno.EINTR)
+            ex = Exit(ret, err, run.exit_reason, err == errno.EINTR)
         else:
-            self.last_exit = Exit(ret, err, run.exit_reason)
-        return self.last_exit
+            ex = Exit(ret, err, run.exit_reason)
+        self.last_exit = ex
+        return ex
 
     def _get(self, request: int, ctype: str, what: str) -> object:
         obj = ffi.new(_PTR_TYPES[ctype])

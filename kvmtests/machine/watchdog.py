@@ -26,7 +26,9 @@ if threading.current_thread() is threading.main_thread():
     install_kick_handler()
 
 
-# An armed deadline is a list, not an object: building it is the cost every KVM_RUN pays.
+# An armed deadline is a list, not an object, under a token from `next_token`: building it is the cost every
+# KVM_RUN pays, so Vcpu.run inlines arm() (`armed[token] = [deadline, run, thread]`) and disarm() (pop the
+# token; None means the watcher took it, then wait_kicked()).
 DEADLINE, RUN, THREAD = range(3)
 
 
@@ -46,23 +48,32 @@ class Watcher:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.armed: dict[int, list] = {}
-        self.tokens = itertools.count()
+        self.next_token = itertools.count().__next__
         self.thread: threading.Thread | None = None
 
     def arm(self, run: Any, timeout: float) -> int:
         """Watch one KVM_RUN on this thread; `run` is its struct kvm_run (immediate_exit is set on expiry)."""
-        token = next(self.tokens)
+        self.start()
+        token = self.next_token()
         self.armed[token] = [_monotonic() + timeout, run, _get_ident()]
-        if self.thread is None:
-            self._start()
         return token
 
     def disarm(self, token: int) -> bool:
         """Forget a deadline; True if it had fired (then its kick is complete when this returns)."""
         if self.armed.pop(token, None) is not None:
             return False
+        self.wait_kicked()
+        return True
+
+    def wait_kicked(self) -> None:
+        """A disarm that lost the race waits here until the watcher's kick is complete (it kicks under the lock)."""
         with self.lock:
-            return True
+            pass
+
+    def start(self) -> None:
+        """Start the watcher thread once; whoever inlines arm() calls this first."""
+        if self.thread is None:
+            self._start()
 
     def _start(self) -> None:
         with self.lock:
