@@ -59,7 +59,6 @@ def job(name: str, device_type: str, boot_method: str, kernel_url: str, ramdisk_
                   "ramdisk": {"url": ramdisk_url, "compression": "gz"}}
         boot = {"method": boot_method, "commands": "ramdisk", "prompts": [PROMPT]}
         context = {"extra_kernel_args": args} | context
-    steps = [initramfs.LAB_SUITE.replace("bin/", "")]
     return {
         "job_name": name, "device_type": device_type, "visibility": "public", "priority": "medium",
         "context": context,
@@ -71,7 +70,7 @@ def job(name: str, device_type: str, boot_method: str, kernel_url: str, ramdisk_
                 "from": "inline", "name": DEFINITION, "path": f"inline/{DEFINITION}.yaml",
                 "repository": {"metadata": {"format": "Lava-Test Test Definition 1.0", "name": DEFINITION,
                                             "description": "kvmtests: KVM conformance for the Hyper-V VSM series"},
-                               "run": {"steps": steps}}}]}},
+                               "run": {"steps": [Path(initramfs.LAB_SUITE).name]}}}]}},
         ],
     }
 

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -33,17 +33,22 @@ class Child:
     rc: int | None = None
     started: float = 0.0
     ended: float = 0.0
-    last: str = field(default="", repr=False)
 
-    def line(self, now: float) -> str:
-        """The child's progress line: waiting, or its state and counts from its status file, or how it ended."""
+    def state(self, status: dict) -> str:
+        """waiting, the state its status file gives while it runs, or done."""
         if self.proc is None:
+            return "waiting"
+        return "done" if self.rc is not None else status.get("state", "starting")
+
+    def line(self, now: float, status: dict) -> str:
+        """The child's progress line: waiting, or its state and counts from its status file, or how it ended."""
+        state = self.state(status)
+        if state == "waiting":
             return f"{self.label}: waiting"
-        status = read_status(self.results)
         took = (self.ended or now) - self.started
-        if self.rc is not None:
+        if state == "done":
             return f"{self.label}: done in {took:.0f} s, {describe(status)} (exit {self.rc})"
-        return f"{self.label}: {status.get('state', 'starting')} {took:.0f} s, {describe(status)}"
+        return f"{self.label}: {state} {took:.0f} s, {describe(status)}"
 
 
 def describe(status: dict) -> str:
@@ -129,19 +134,19 @@ class Board:
 
     def __init__(self, out: TextIO, interactive: bool):
         self.out, self.interactive, self.drawn = out, interactive, 0
+        self.shown: dict[str, str] = {}   # label -> the state its last printed line had (not on a terminal)
 
     def show(self, children: Sequence[Child], now: float) -> None:
+        statuses = [read_status(c.results) if c.proc is not None else {} for c in children]
         if self.interactive:
-            lines = [c.line(now) for c in children]
+            lines = [c.line(now, status) for c, status in zip(children, statuses)]
             self.out.write(f"\x1b[{self.drawn}F" * bool(self.drawn) + "".join(f"\x1b[2K{l}\n" for l in lines))
             self.drawn = len(lines)
         else:
-            for c in children:
-                state = "waiting" if c.proc is None else "done" if c.rc is not None else \
-                    read_status(c.results).get("state", "starting")
-                if state != c.last:
-                    c.last = state
-                    self.out.write(c.line(now) + "\n")
+            for c, status in zip(children, statuses):
+                if self.shown.get(c.label) != c.state(status):
+                    self.shown[c.label] = c.state(status)
+                    self.out.write(c.line(now, status) + "\n")
         self.out.flush()
 
 

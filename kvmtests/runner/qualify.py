@@ -223,7 +223,7 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
         results = Path(results_dir or args.results or Path("kvmtests-results") / (release or image.name)).resolve()
         results.mkdir(parents=True, exist_ok=True)
         shard = _shard_plan(args.shard_plan)
-        count = 1 if shard else args.shards or shards.default_count(args.jobs, bochs.memory_mb(args.mem))
+        count = 1 if shard else shards_per_cell(args)
         if count > 1:
             return qualify_sharded(args, image, modules, append, results, count, emulator)
         for name in OUTPUTS:
@@ -245,6 +245,11 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
                                      and not first.monitor.crashes):
         return no_suite(results, first.run, boot_timeout, args.timeout, emulator)
     return report_cell(results, boots, why, args, release, emulator)
+
+
+def shards_per_cell(args: argparse.Namespace) -> int:
+    """--shards, else the default for the cores and memory at hand with --jobs cells sharing them."""
+    return args.shards or shards.default_count(args.jobs, bochs.memory_mb(args.mem))
 
 
 def _shard_plan(path: Path | None) -> dict | None:
@@ -508,7 +513,7 @@ def qualify_cells(args: argparse.Namespace, todo: list[tuple[str, str]], root: P
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
         return [(i, k, v, cell_dir(root, i, k, v), EXIT_BAD_INPUT) for i, (k, v) in enumerate(todo, 1)]
-    count = args.shards or shards.default_count(args.jobs, bochs.memory_mb(args.mem))
+    count = shards_per_cell(args)
     children = []
     for index, (kernel, variant) in enumerate(todo, 1):
         results = cell_dir(root, index, kernel, variant).resolve()

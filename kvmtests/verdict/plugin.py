@@ -149,9 +149,9 @@ def _resume_items(config: pytest.Config, items: list) -> None:
     resume = config.stash.get(_resume, {})
     shard = resume.get("shard")
     if shard:
-        others = [item for item in items if stream.shard_of(item.nodeid, shard) != shard["index"]]
-        config.hook.pytest_deselected(items=others)
-        items[:] = [item for item in items if stream.shard_of(item.nodeid, shard) == shard["index"]]
+        mine = {item.nodeid for item in items if stream.shard_of(item.nodeid, shard) == shard["index"]}
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in mine])
+        items[:] = [item for item in items if item.nodeid in mine]
     done = set(resume.get("done", []))
     if done:
         config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
