@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvmtests.machine import host
-from kvmtests.runner import bochs, console, initramfs, qualify, rootfs, symbols
+from kvmtests.runner import bochs, console, initramfs, qualify, rootfs, shards, symbols
 from kvmtests.runner.console import RunnerError
 from kvmtests.runner.monitor import Monitor
 from kvmtests.verdict import report, stream
@@ -103,7 +103,7 @@ def test_collect_brings_python_binutils_libraries_and_the_project() -> None:
 
 
 def test_bytecode_is_the_guests_own_compiled_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Modules compiled and test modules rewritten as pytest does, under __pycache__ beside their sources, valid for
+    """Modules compiled, and test modules rewritten as pytest does by the host's collection, under __pycache__ beside their sources, valid for
     the sources' mtime and size (which the initramfs keeps); nothing is written into the project itself."""
     project = tmp_path / "project"
     (project / "pkg").mkdir(parents=True)
@@ -113,6 +113,9 @@ def test_bytecode_is_the_guests_own_compiled_on_the_host(tmp_path: Path, monkeyp
     (project / "pkg" / "mod.py").write_text("X = 1\n")
     (project / "tests" / "test_x.py").write_text("from pkg.mod import X\n\ndef test_x():\n    assert X == 1\n")
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")   # as on a host that keeps its checkout clean
+    nodeids = shards.collect([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q"],
+                             project, tmp_path / "out")
+    assert nodeids == ["tests/test_x.py::test_x"]
     files = {f.path: f.source for f in rootfs.bytecode(project, tmp_path / "out")}
     root, tag = str(project).lstrip("/"), sys.implementation.cache_tag
     assert f"{root}/pkg/__pycache__/mod.{tag}.pyc" in files

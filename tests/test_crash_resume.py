@@ -30,7 +30,7 @@ from typing import NoReturn
 import pytest
 
 import test_crash
-from kvmtests.runner import bochs, initramfs, monitor, qemu, qualify, rootfs
+from kvmtests.runner import bochs, initramfs, monitor, qemu, qualify, rootfs, shards
 from kvmtests.verdict import crash, features, report, stream
 from kvmtests.verdict.junit import junit
 from test_bochs import BASES, KVM_INTEL, SYSTEM_MAP, TEXT, debugger_stop, encoded, module_object, tools
@@ -324,7 +324,9 @@ def stand_in(tmp_path: Path, name: str, faults: list[dict]) -> Path:
 
 @pytest.fixture
 def quick(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Waits of a second or two (long enough for a stand-in on a busy machine), and a busybox never run."""
+    """Waits of a second or two (long enough for a stand-in on a busy machine), a busybox never run, and the host
+    collecting the stand-in's tests."""
+    monkeypatch.setattr(shards, "collect", lambda command, cwd, bytecode=None: list(NODEIDS))
     monkeypatch.setattr(monitor, "TRAILER", 1.0)
     monkeypatch.setattr(monitor, "AFTER_NMI", 2.0)
     busybox = tmp_path / "busybox"
@@ -433,7 +435,9 @@ def test_a_run_without_a_crash_is_one_boot(under_qemu: Run) -> None:
     check_each_test_once(run)
     assert (run.doc["boots"], run.doc["crashes"], run.doc["incomplete"]) == (1, [], "")
     check_junit(run, failures=0, skipped=0)
-    assert not (run.results / qualify.RESUME_FILE).exists() and "boots" not in run.out and "CRASH" not in run.out
+    assert json.loads((run.results / qualify.RESUME_FILE).read_text()) == {"shard": qualify.whole_plan(NODEIDS)}, \
+        "the one boot's resume file holds the host's plan alone"
+    assert "boots" not in run.out and "CRASH" not in run.out
 
 
 @pytest.mark.parametrize("faults, argv, report_name", [
@@ -516,7 +520,7 @@ def test_a_crash_in_a_probe_blocks_its_group(under_qemu: Run) -> None:
     assert run.doc["boots"] == 2 and f"CRASH during detection of xmm_output (boot 1, {kind}, fatal): {title}" in run.out
     assert json.loads((run.results / qualify.RESUME_FILE).read_text()) == {
         "done": [], "crashed_groups": {"xmm_output": run.test(XMM_GET)["blocked_by"]},
-        "crashed_probes": {"xmm_output": title}}
+        "crashed_probes": {"xmm_output": title}, "shard": qualify.whole_plan(NODEIDS)}
     check_junit(run, failures=0, skipped=2)
 
 
@@ -563,7 +567,7 @@ def test_bochs_resumes_with_the_state_in_the_initramfs(under_bochs: Run, initrds
     check_resumed(run, RWX_R, kind, title, [RWX_RW], "rwx_attributes")
     assert len(initrds) == 2
     resume_file = str(qualify.GUEST_RESULTS / qualify.RESUME_FILE).lstrip("/")
-    assert resume_file not in read_cpio(initrds[0])
+    assert json.loads(read_cpio(initrds[0])[resume_file][1]) == {"shard": qualify.whole_plan(NODEIDS)}
     state = json.loads(read_cpio(initrds[1])[resume_file][1])
     assert state["done"] == sorted(NODEIDS[:5]) and set(state["crashed_groups"]) == {"rwx_attributes"}
     assert "results-begin" in (run.results / "console.log").read_text()

@@ -172,6 +172,19 @@ def test_run_console_records_marks_log_and_lines(tmp_path: Path) -> None:
     assert seen == run.tail == log.read_text().splitlines()
 
 
+def test_the_console_reader_wakes_per_batch_not_per_byte() -> None:
+    """Bochs writes its serial port a byte at a time: 640 bytes written one by one come as a few batches of lines, and a
+    last line without its newline is kept."""
+    writer = subprocess.Popen(fake_qemu("for c in ''.join(f'line {i:02d}\\r\\n' for i in range(60)) + 'tail':\n"
+                                        "    sys.stdout.write(c); sys.stdout.flush(); time.sleep(0.00005)"),
+                              stdout=subprocess.PIPE)
+    assert writer.stdout is not None
+    batches = list(console.console_lines(writer.stdout.fileno(), pause=0.05))
+    writer.wait()
+    assert [line for batch in batches for line in batch] == [f"line {i:02d}" for i in range(60)] + ["tail"]
+    assert len(batches) < 60, "one wakeup per batch of lines, not per line or byte"
+
+
 @pytest.mark.parametrize("script, timeout, boot_timeout, phase", [
     ("print('booting', flush=True); time.sleep(60)", 60, 0.4, "boot"),
     ("print('@@kvmtests@@ suite-start 1.0', flush=True); time.sleep(60)", 0.8, 60, "suite"),

@@ -80,6 +80,30 @@ def test_durations_come_from_an_earlier_results_file(tmp_path: Path) -> None:
     assert shards.durations(tmp_path / "missing.json") == {}
 
 
+def test_a_file_slow_to_collect_weighs_its_collection() -> None:
+    """Equal tests, but test_a took 6 s to collect in the earlier run (a heavy import): it is a shard's load alone."""
+    known = {n: 1.0 for n in COLLECTED}
+    plan = shards.plan(COLLECTED, known, 2, {"tests/test_a.py": 6.0, "tests/test_big.py": 0.5, "tests/test_b.py": 0.5})
+    a = {plan["tests"][n] for n in COLLECTED[6:9]}
+    assert len(a) == 1 and not any(plan["tests"][n] in a for n in COLLECTED[9:] + COLLECTED[:6])
+    assert shards.plan(COLLECTED, known, 2)["tests"] != plan["tests"], "without the timings test_a goes with test_b"
+
+
+def test_the_guest_times_each_files_collection_and_shards_merge_them(tmp_path: Path) -> None:
+    for name, pause in (("test_a", 0.3), ("test_b", 0.0)):
+        (tmp_path / f"{name}.py").write_text(f"import time\ntime.sleep({pause})\ndef test_one(): pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "kvmtests.verdict.plugin", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), f"--kvmtests-json={tmp_path / 'out.json'}", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    timed = shards.collection(tmp_path / "out.json")
+    assert sorted(timed) == ["test_a.py", "test_b.py"] and timed["test_a.py"] >= 0.3 > timed["test_b.py"]
+    merged = shards.merge([shard_doc(["a::x"], collection={"a": 1.0, "b": 2.0}),
+                           shard_doc(["a::y"], collection={"a": 3.0})])
+    assert merged["collection"] == {"a": 3.0, "b": 2.0}, "a file two shards collected: the slower"
+    assert shards.collection(tmp_path / "missing.json") == {}
+
+
 @pytest.mark.parametrize("cores, available_mb, jobs, expected", [
     (2, 24000, 1, 2), (2, 24000, 2, 1), (1, 24000, 1, 1), (8, 24000, 2, 4), (8, 5000, 1, 1), (8, 0, 1, 1)])
 def test_the_default_shard_count_shares_the_cores_within_the_memory(cores: int, available_mb: int, jobs: int,
@@ -195,7 +219,7 @@ def sharded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
         fake = stand_in(tmp_path, "qemu", faults)
         driver = DRIVER.format(tests=str(Path(__file__).parent), busybox=str(initramfs.BUSYBOX), fake=str(fake))
         monkeypatch.setattr(qualify, "CHILD", (sys.executable, "-c", driver))
-        monkeypatch.setattr(shards, "collect", lambda command, cwd: list(NODEIDS))
+        monkeypatch.setattr(shards, "collect", lambda command, cwd, bytecode=None: list(NODEIDS))
         return under_qemu(faults, *argv)
     return run
 
@@ -265,21 +289,40 @@ def test_a_test_only_the_guest_collects_goes_with_its_file() -> None:
     big = plan["tests"][COLLECTED[0]]
     assert stream.shard_of("tests/test_big.py::test_new[guest-only]", plan) == big
     assert [stream.shard_needs("tests/test_big.py", plan | {"index": i}) for i in (1, 2)] == [big == 1, big == 2]
-    unplanned = [stream.shard_needs("tests/test_unknown.py", plan | {"index": i}) for i in (1, 2)]
-    assert sorted(unplanned) == [False, True], "a file the host never saw: exactly one shard imports it"
+    unplanned = [stream.shard_needs("tests/test_selftests.py", plan | {"index": i}) for i in (1, 2)]
+    assert unplanned == [False, False], "a file with no selected test on the host (its self-tests): no shard imports it"
+    blind = shards.plan([], {}, 2)
+    unplanned = [stream.shard_needs("tests/test_unknown.py", blind | {"index": i}) for i in (1, 2)]
+    assert sorted(unplanned) == [False, True], "the host could not collect: exactly one shard imports each file"
+
+
+def guest_imports(tmp_path: Path, plan: dict) -> set[str]:
+    """The test files a guest's plugin imports with this plan in its resume file (test_a, test_b and test_self,
+    whose tests are all self-tests, outside the guest's selection)."""
+    for name in ("test_a", "test_b", "test_self"):
+        mark = "import pytest\npytestmark = pytest.mark.selftest\n" if name == "test_self" else ""
+        (tmp_path / f"{name}.py").write_text(f"{mark}open({str(tmp_path / name)!r} + '.imported', 'w')\n"
+                                             "def test_one(): pass\ndef test_two(): pass\n")
+    (tmp_path / "resume.json").write_text(json.dumps({"shard": plan}))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "kvmtests.verdict.plugin", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "--kvmtests-stream=/dev/null", "--rootdir", str(tmp_path),
+                           "-m", "not selftest", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {stream.RESUME_ENV: str(tmp_path / "resume.json")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {f.name.split(".")[0] for f in tmp_path.glob("*.imported")}
+
+
+SELECTED = ["test_a.py::test_one", "test_a.py::test_two", "test_b.py::test_one", "test_b.py::test_two"]
 
 
 def test_a_shard_imports_only_the_files_it_runs_tests_of(tmp_path: Path) -> None:
-    """The guest's plugin with a shard plan in its resume file: the other shard's files are never imported."""
-    for name in ("test_a", "test_b"):
-        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / name)!r} + '.imported', 'w')\n"
-                                             "def test_one(): pass\ndef test_two(): pass\n")
-    plan = shards.plan(["test_a.py::test_one", "test_a.py::test_two", "test_b.py::test_one",
-                        "test_b.py::test_two"], {}, 2)
-    (tmp_path / "resume.json").write_text(json.dumps({"shard": plan | {"index": plan["tests"]["test_b.py::test_one"]}}))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "kvmtests.verdict.plugin", "--collect-only", "-q",
-                           "-p", "no:cacheprovider", "--kvmtests-stream=/dev/null", "--rootdir", str(tmp_path),
-                           str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
-                          env=os.environ | {stream.RESUME_ENV: str(tmp_path / "resume.json")})
-    assert "test_b.py::test_one" in done.stdout and "test_a.py" not in done.stdout, done.stdout + done.stderr
-    assert (tmp_path / "test_b.imported").exists() and not (tmp_path / "test_a.imported").exists()
+    """The guest's plugin with a shard plan in its resume file: the other shard's files are never imported, nor a
+    file the host found no selected test in."""
+    plan = shards.plan(SELECTED, {}, 2)
+    assert guest_imports(tmp_path, plan | {"index": plan["tests"]["test_b.py::test_one"]}) == {"test_b"}
+
+
+def test_a_whole_cell_imports_only_the_files_it_runs_tests_of(tmp_path: Path) -> None:
+    """An unsharded cell's guest gets the host's plan too: its self-test files are never imported."""
+    assert guest_imports(tmp_path, qualify.whole_plan(SELECTED)) == {"test_a", "test_b"}
+    assert qualify.whole_plan(None) is None, "the host could not collect: the guest imports every file"

@@ -8,13 +8,14 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 import shlex
 import subprocess
 import tarfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ RESULTS_BEGIN = "results-begin"
 RESULTS_END = "results-end"
 # What the guest may send back; anything else in the archive is ignored.
 RESULT_FILES = ("rc", "results.json", "junit.xml")
+READ_PAUSE = 0.02   # seconds the console reader lets output gather between reads
 
 
 class RunnerError(Exception):
@@ -50,6 +52,19 @@ def parse_mark(line: str) -> str | None:
     """Return the marker name of a console line printed by /init or the suite, else None."""
     words = mark_words(line)
     return words[1] if len(words) >= 2 else None
+
+
+def console_lines(fd: int, pause: float = READ_PAUSE) -> Iterator[list[str]]:
+    """The console's lines as they come, a batch at a time: the reader sleeps between reads, so that it wakes
+    some tens of times a second, not at each byte (Bochs writes its serial port a byte at a time, and a reader
+    woken for each took the CPU from the emulators of the other shards); the last line may lack its newline."""
+    pending = b""
+    while chunk := os.read(fd, 1 << 16):
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield [raw.decode("utf-8", "replace").rstrip("\r") for raw in lines]
+        time.sleep(pause)
+    if pending:
+        yield [pending.decode("utf-8", "replace").rstrip("\r")]
 
 
 def run_console(
@@ -76,19 +91,19 @@ def run_console(
 
     def pump() -> None:
         with log_path.open(log_mode, encoding="utf-8") as log:
-            for raw in stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                log.write(line + "\n")
+            for lines in console_lines(stdout.fileno()):
+                for line in lines:
+                    log.write(line + "\n")
+                    tail.append(line)
+                    name = parse_mark(line)
+                    if name is not None:
+                        marks.setdefault(name, time.monotonic() - start)
+                    if on_line is not None:
+                        on_line(line)
+                    if monitor is not None:
+                        with lock:
+                            monitor.line(line, time.monotonic() - start)
                 log.flush()
-                tail.append(line)
-                name = parse_mark(line)
-                if name is not None:
-                    marks.setdefault(name, time.monotonic() - start)
-                if on_line is not None:
-                    on_line(line)
-                if monitor is not None:
-                    with lock:
-                        monitor.line(line, time.monotonic() - start)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

@@ -27,7 +27,12 @@ from .monitor import Monitor
 
 PROJECT_DIR = Path(kvmtests.__file__).resolve().parent.parent
 PYTEST_PLUGIN = "kvmtests.verdict.plugin"  # provides --kvmtests-json
-PYTEST = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", PYTEST_PLUGIN)
+# Left out of a guest's pytest, each costing an emulated boot seconds: pytest's collector of unraisable exceptions
+# (five garbage collections at exit; Python's own hook still prints one on the console) and Hypothesis' plugin
+# (it imports all of Hypothesis for its summary, in a shard with no Hypothesis test too; the model test drives
+# Hypothesis itself, with its own profiles).
+GUEST_UNPLUGGED = ("-p", "no:unraisableexception", "-p", "no:hypothesispytest")
+PYTEST = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *GUEST_UNPLUGGED, "-p", PYTEST_PLUGIN)
 SELECTION = ("-m", "not selftest")   # the guest runs the suite but its self-tests
 CHILD = (sys.executable, "-m", "kvmtests.cli")   # a shard's or a cell's own run, with --jobs or --shards
 ROOT_TAG = "hostroot"
@@ -224,16 +229,22 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
         results.mkdir(parents=True, exist_ok=True)
         shard = _shard_plan(args.shard_plan)
         count = 1 if shard else shards_per_cell(args)
-        if count > 1:
-            return qualify_sharded(args, image, modules, append, results, count, emulator)
-        for name in OUTPUTS:
-            (results / name).unlink(missing_ok=True)
-        prepare = _boot_bochs if under_bochs else _boot_qemu
-        with parallel.Progress(results) as progress, tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmp:
-            cell = Cell(image, release, modules, append, results, boot_timeout, busybox, test_timeout,
-                        STACKS_GRACE[emulator], progress)
-            boots, why = resume.run_cell(prepare(args, cell, Path(tmp), tool), results, args.timeout,
-                                         args.max_resumes, shard)
+        with tempfile.TemporaryDirectory(prefix="kvmtests-qualify-") as tmpdir:
+            tmp = Path(tmpdir)
+            nodeids = None if shard else host_collection(args, tmp / "bytecode" if under_bochs else None)
+            base = args.initramfs or (tmp / "initramfs.cpio" if under_bochs else None)
+            if under_bochs and not args.initramfs:
+                _initramfs(base, busybox, modules, bochs_plan(args, test_timeout, tmp / "bytecode"))
+            if count > 1:
+                return qualify_sharded(args, image, modules, append, results, count, emulator, nodeids, base)
+            shard = shard or whole_plan(nodeids)
+            for name in OUTPUTS:
+                (results / name).unlink(missing_ok=True)
+            with parallel.Progress(results) as progress:
+                cell = Cell(image, release, modules, append, results, boot_timeout, busybox, test_timeout,
+                            STACKS_GRACE[emulator], progress)
+                boot = _boot_bochs(args, cell, tmp, tool, base) if under_bochs else _boot_qemu(args, cell, tmp, tool)
+                boots, why = resume.run_cell(boot, results, args.timeout, args.max_resumes, shard)
     except RunnerError as exc:
         print(f"qualify: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -250,6 +261,18 @@ def qualify_one(args: argparse.Namespace, kernel: str, append: str, results_dir:
 def shards_per_cell(args: argparse.Namespace) -> int:
     """--shards, else the default for the cores and memory at hand with --jobs cells sharing them."""
     return args.shards or shards.default_count(args.jobs, bochs.memory_mb(args.mem))
+
+
+def host_collection(args: argparse.Namespace, bytecode: Path | None) -> list[str] | None:
+    """The guest's selection, collected on the host from the same tree (None when the host cannot): it plans the
+    shards and which test files a guest imports; given a bytecode directory, the collection leaves the test
+    modules there as pytest rewrites them, for a self-contained guest (one collection, not two)."""
+    return shards.collect(collect_command(pytest_args(args.pytest_args)), PROJECT_DIR, bytecode)
+
+
+def whole_plan(nodeids: list[str] | None) -> dict | None:
+    """An unsharded cell's plan: one shard runs every test and imports only the files the host found one in."""
+    return shards.plan(nodeids, {}, 1) | {"index": 1} if nodeids else None
 
 
 def _shard_plan(path: Path | None) -> dict | None:
@@ -279,16 +302,17 @@ def child_argv(args: argparse.Namespace, kernel: Path | str, modules: Path | Non
 
 
 def qualify_sharded(args: argparse.Namespace, image: Path, modules: Path | None, append: str, results: Path,
-                    count: int, emulator: str) -> int:
+                    count: int, emulator: str, nodeids: list[str] | None, initrd: Path | None) -> int:
     """One cell over count emulators at once: plan who runs what (by an earlier run's durations, else by file),
-    run a qualify child per shard, merge what they bring back into the cell's one result."""
-    known = shards.durations(args.durations or results / "results.json")
+    run a qualify child per shard (under Bochs all boot the one initramfs built here: the plan rides in each
+    boot's resume archive), merge what they bring back into the cell's one result."""
+    earlier = args.durations or results / "results.json"
+    known = shards.durations(earlier)
     for name in OUTPUTS:
         (results / name).unlink(missing_ok=True)
-    nodeids = shards.collect(collect_command(pytest_args(args.pytest_args)), PROJECT_DIR)
     if nodeids is not None:
         count = max(1, min(count, len(nodeids)))
-    plan = shards.plan(nodeids or [], known, count)
+    plan = shards.plan(nodeids or [], known, count, shards.collection(earlier))
     balance = "by an earlier run's durations" if known and nodeids else "by file" if nodeids else \
         "by file name (the host could not collect the tests)"
     print(f"qualify: {count} shards under {emulator}, {len(nodeids) if nodeids else 'the'} tests balanced {balance}",
@@ -298,9 +322,10 @@ def qualify_sharded(args: argparse.Namespace, image: Path, modules: Path | None,
         where = results / f"shard-{i}"
         where.mkdir(parents=True, exist_ok=True)
         shards.write_plan(where / "plan.json", plan, i)
-        children.append(parallel.Child(f"shard {i}/{count}", child_argv(
-            args, image, modules, append, where, ["--shards", "1", "--shard-plan", str(where / "plan.json")]),
-            where))
+        extra = ["--shards", "1", "--shard-plan", str(where / "plan.json")] + (["--initramfs", str(initrd)] if initrd
+                                                                               else [])
+        children.append(parallel.Child(f"shard {i}/{count}", child_argv(args, image, modules, append, where, extra),
+                                       where))
     parallel.run(children, count, parallel.Board(sys.stdout, parallel.interactive()), results)
     docs, missing = [], []
     for child in children:
@@ -366,10 +391,10 @@ def report_cell(results: Path, boots: list[resume.Boot], why: str, args: argpars
     return code
 
 
-def _initramfs(out: Path, cell: Cell, plan: initramfs.GuestPlan) -> None:
+def _initramfs(out: Path, busybox: Path, modules: Path | None, plan: initramfs.GuestPlan) -> None:
     """Build the initramfs, noting the vendor modules the guest will not have."""
-    for absent in initramfs.build(out, cell.busybox, cell.modules, plan):
-        print(f"qualify: note: {cell.modules} has no {absent}; the guest will not load it")
+    for absent in initramfs.build(out, busybox, modules, plan):
+        print(f"qualify: note: {modules} has no {absent}; the guest will not load it")
 
 
 def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path, binary: str) -> resume.BootFn:
@@ -382,7 +407,7 @@ def _boot_qemu(args: argparse.Namespace, cell: Cell, tmp: Path, binary: str) -> 
         env=guest_env(accel, os.environ, cell.results, cell.test_timeout), results_dir=cell.results,
         root_tag=ROOT_TAG, results_tag=RESULTS_TAG)
     initrd = tmp / "initramfs.cpio.gz"
-    _initramfs(initrd, cell, plan)
+    _initramfs(initrd, cell.busybox, cell.modules, plan)
     cfg = qemu.MachineConfig(
         kernel=cell.image, initrd=initrd, append=kernel_cmdline(accel, cell.append), accel=accel, cpu=cpu,
         mem=args.mem, smp=args.smp,
@@ -414,18 +439,21 @@ def _write_resume(path: Path, state: dict | None) -> None:
         path.write_text(json.dumps(state))
 
 
-def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.BochsTools) -> resume.BootFn:
-    """Boot under Bochs (Intel VMX with EPT) from a CD image whose initramfs holds everything the suite runs
-    with; the results come back over the serial console, and a resumed boot's state rides in a second cpio
-    archive appended to the initramfs."""
-    mem = bochs.memory_mb(args.mem)
-    plan = initramfs.GuestPlan(
+def bochs_plan(args: argparse.Namespace, test_timeout: float, bytecode: Path) -> initramfs.GuestPlan:
+    """What a Bochs guest holds: everything the suite runs with, its bytecode compiled here (into bytecode, beside
+    the test modules the host collection left there), the suite's command and environment."""
+    return initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(GUEST_RESULTS, pytest_args(args.pytest_args), args.require),
-        env=guest_env("bochs", os.environ, GUEST_RESULTS, cell.test_timeout), results_dir=GUEST_RESULTS,
-        root_tag="", results_tag="",
-        host_files=(*rootfs.collect(PROJECT_DIR), *rootfs.bytecode(PROJECT_DIR, tmp / "bytecode")))
-    base, initrd, iso = tmp / "initramfs.cpio", tmp / "boot.cpio", tmp / "boot.iso"
-    _initramfs(base, cell, plan)
+        env=guest_env("bochs", os.environ, GUEST_RESULTS, test_timeout), results_dir=GUEST_RESULTS,
+        root_tag="", results_tag="", host_files=(*rootfs.collect(PROJECT_DIR), *rootfs.bytecode(PROJECT_DIR, bytecode)))
+
+
+def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.BochsTools, base: Path) -> resume.BootFn:
+    """Boot under Bochs (Intel VMX with EPT) from a CD image of the kernel and the initramfs base (bochs_plan's);
+    the results come back over the serial console, and a resumed boot's state rides in a second cpio archive
+    appended to the initramfs."""
+    mem = bochs.memory_mb(args.mem)
+    initrd, iso = tmp / "boot.cpio", tmp / "boot.iso"
     append = kernel_cmdline("bochs", f"{bochs.kernel_params()} {cell.append}")
     cfg = bochs.MachineConfig(iso=iso, log=cell.results / "bochs.log", mem_mb=mem, cpus=args.smp)
     (tmp / "bochsrc").write_text(bochs.bochsrc(cfg, tools))
@@ -645,6 +673,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="an earlier run's results.json whose test durations balance the shards (default: the "
                         "cell's results.json from its last run, when there is one)")
     p.add_argument("--shard-plan", type=Path, help=argparse.SUPPRESS)   # a shard's run, started by its cell's
+    p.add_argument("--initramfs", type=Path, help=argparse.SUPPRESS)    # a Bochs shard's, built by its cell's run
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST-ARGS",
                    help="more arguments for pytest inside the guest, added to the defaults (the whole suite but "
                         "its self-tests, -m 'not selftest')")

@@ -113,6 +113,7 @@ def merge(boots: list[Boot], host: dict, required: list[str], incomplete: str) -
         doc["exitstatus"] = max(doc["exitstatus"], 1)
     doc["crashes"] = [c.as_dict() for c in crashes]
     doc["boots"] = len(boots)
+    doc["collection"] = (last or {}).get("collection", {})
     missing = not_run(boots, tests)
     doc["incomplete"] = f"{incomplete}; {missing} selected tests did not run" if incomplete and missing else incomplete
     return doc

@@ -147,14 +147,14 @@ def is_elf(path: Path) -> bool:
 
 def bytecode(project_dir: Path, out: Path) -> list[HostFile]:
     """The project's bytecode, compiled on the host into out, for the guest's __pycache__ directories: its modules,
-    and its test modules as pytest rewrites them (collected here once); the emulated guest spent minutes of every
-    boot compiling them. What does not compile here the guest compiles (and reports) itself, as before."""
+    and its test modules as pytest rewrites them (left in out by the host's collection, qualify.host_collection);
+    the emulated guest spent minutes of every boot compiling them. What does not compile here the guest compiles
+    (and reports) itself, as before."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "SOURCE_DATE_EPOCH")}
     env["PYTHONPYCACHEPREFIX"] = str(out)   # not into the project: its __pycache__ may be another Python's
     sources = [str(f) for f in walk(project_dir, PROJECT_SKIP) if f.suffix == ".py"]
-    for cmd in ([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "timestamp", *sources],
-                [sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-p", "no:cacheprovider"]):
-        subprocess.run(cmd, cwd=project_dir, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "timestamp", *sources],
+                   cwd=project_dir, env=env, capture_output=True)
     mirror = out / str(project_dir).lstrip("/")   # a pycache prefix mirrors each source's directory
     return [HostFile(str(project_dir / pyc.parent.relative_to(mirror) / "__pycache__" / pyc.name).lstrip("/"), pyc,
                      False) for pyc in sorted(mirror.rglob("*.pyc"))]

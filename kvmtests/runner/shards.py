@@ -35,11 +35,13 @@ def _available_mb() -> int:
     return 0
 
 
-def collect(command: Sequence[str], cwd: Path) -> list[str] | None:
+def collect(command: Sequence[str], cwd: Path, bytecode: Path | None = None) -> list[str] | None:
     """The node ids the guest will collect, collected on the host from the same tree and arguments (None when
-    the host cannot collect them: then each file's shard is decided by its name)."""
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"})
+    the host cannot collect them: then each file's shard is decided by its name); the bytecode of what it imports
+    goes under bytecode when given (a pycache prefix), else nowhere."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "SOURCE_DATE_EPOCH")}
+    env |= {"PYTHONPYCACHEPREFIX": str(bytecode)} if bytecode else {"PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     if done.returncode != 0:
         return None
     return [line for line in done.stdout.splitlines() if "::" in line and not line.startswith(" ")]
@@ -54,24 +56,34 @@ def durations(path: Path) -> dict[str, float]:
     return {t["nodeid"]: float(t.get("duration") or 0.0) for t in doc["tests"] if t["outcome"] != "blocked"}
 
 
-def plan(nodeids: Sequence[str], known: dict[str, float], count: int) -> dict:
+def collection(path: Path) -> dict[str, float]:
+    """Each test file's collection seconds in an earlier results.json (empty when it has none)."""
+    try:
+        return {f: float(s) for f, s in report.load(path).get("collection", {}).items()}
+    except (report.NotResults, OSError, AttributeError, TypeError, ValueError):
+        return {}
+
+
+def plan(nodeids: Sequence[str], known: dict[str, float], count: int,
+         collected: dict[str, float] | None = None) -> dict:
     """Assign every test a shard, heaviest first onto the lightest shard, whole files where they fit (a shard
     imports only the files it runs tests of, and the guest's imports are slow): a file weighs its tests'
     earlier durations when they are at hand (a test without one the median), each with the per-test cost of the
-    guest's events, plus the cost of importing it; else its test count. A file heavier than a shard's share is
-    split into its tests."""
+    guest's events, plus the cost of collecting it (the earlier run's, else FILE_COST); else its test count. A
+    file heavier than a shard's share is split into its tests."""
     by_file: dict[str, list[str]] = {}
     for n in nodeids:
         by_file.setdefault(n.split("::")[0], []).append(n)
     typical = statistics.median(known.values()) if known else 1.0
     cost = {n: known.get(n, typical) + TEST_COST if known else 1.0 for n in nodeids}
-    weights = {f: sum(cost[n] for n in ns) + (FILE_COST if known else 0.0) for f, ns in by_file.items()}
+    imports = {f: (collected or {}).get(f, FILE_COST) if known else 0.0 for f in by_file}
+    weights = {f: sum(cost[n] for n in ns) + imports[f] for f, ns in by_file.items()}
     share = sum(weights.values()) / count
     units = {}
     for f, ns in by_file.items():
         units.update({f: ns} if weights[f] <= share else {n: [n] for n in ns})
         if weights[f] > share:
-            weights.update({n: cost[n] + FILE_COST / len(ns) for n in ns})
+            weights.update({n: cost[n] + imports[f] / len(ns) for n in ns})
     loads = [0.0] * count
     tests: dict[str, int] = {}
     for unit in sorted(units, key=lambda u: (-weights[u], u)):
@@ -111,6 +123,8 @@ def merge(docs: list[dict]) -> dict:
     merged["crashes"] = [c | {"shard": i} for i, doc in enumerate(docs, 1) for c in doc.get("crashes", [])]
     merged["boots"] = sum(d.get("boots", 1) for d in docs)
     merged["shards"] = len(docs)
+    merged["collection"] = {f: max(d.get("collection", {}).get(f, 0.0) for d in docs)
+                            for f in sorted({f for d in docs for f in d.get("collection", {})})}
     merged["incomplete"] = "; ".join(f"shard {i}: {d['incomplete']}" for i, d in enumerate(docs, 1)
                                      if d.get("incomplete"))
     return merged

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from pathlib import Path
 from collections.abc import Generator, Iterator
 
@@ -117,6 +118,19 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     except ValueError:
         return None
     return True if not stream.shard_needs(file, shard) else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport,
+                                                                          pytest.CollectReport]:
+    """Time each test file's collection (its imports, mostly): a later qualify balances its shards with it."""
+    if not isinstance(collector, pytest.Module):
+        return (yield)
+    start = time.perf_counter()
+    try:
+        return (yield)
+    finally:
+        _collection[collector.nodeid] = round(time.perf_counter() - start, 3)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
@@ -306,6 +320,7 @@ def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] 
 
 
 _tests: dict[str, dict] = {}
+_collection: dict[str, float] = {}   # seconds each test file took to collect
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -362,9 +377,11 @@ def _document(config: pytest.Config, exitstatus: int) -> dict:
     tests = [t for t in _tests.values() if t["outcome"]]
     detections = features.detect_all()
     required = config.stash[_results]["required"]
-    return guardian.add_crashes(results.build(probe.host_identity(), detections,
-                                              features.findings(detections, config.stash[_results]["cap_numbers"]),
-                                              sorted(required), tests, exitstatus))
+    doc = results.build(probe.host_identity(), detections,
+                        features.findings(detections, config.stash[_results]["cap_numbers"]), sorted(required), tests,
+                        exitstatus)
+    doc["collection"] = dict(sorted(_collection.items()))
+    return guardian.add_crashes(doc)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

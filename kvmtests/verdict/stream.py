@@ -126,11 +126,12 @@ def shard_of(nodeid: str, plan: dict) -> int:
 
 
 def shard_needs(file: str, plan: dict) -> bool:
-    """Whether this shard (plan["index"]) runs any test of a test file, so that the others need not import it."""
-    if file in plan["files"]:
-        return any(shard == plan["index"] for nodeid, shard in plan["tests"].items()
-                   if nodeid.split("::")[0] == file)
-    return shard_of(file, plan) == plan["index"]
+    """Whether this shard (plan["index"]) runs any test of a test file, so that the others need not import it; no
+    shard imports a file the host's collection found no selected test in (the suite's self-tests), unless the host
+    could not collect at all (then the file's name decides)."""
+    if not plan["files"]:
+        return shard_of(file, plan) == plan["index"]
+    return any(shard == plan["index"] for nodeid, shard in plan["tests"].items() if nodeid.split("::")[0] == file)
 
 
 def cmdline_hook(nodeid: str, cmdline: str | None = None) -> str | None:
