@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtests.machine import host
+from kvmtests.machine import asm, host, payloads
 from kvmtests.runner import bochs, console, initramfs, qualify, rootfs, shards, symbols
 from kvmtests.runner.console import RunnerError
 from kvmtests.runner.monitor import Monitor
@@ -125,6 +125,17 @@ def test_bytecode_is_the_guests_own_compiled_on_the_host(tmp_path: Path, monkeyp
     header = files[f"{root}/pkg/__pycache__/mod.{tag}.pyc"].read_bytes()[:16]
     assert struct.unpack("<4sIII", header)[1:] == (0, int(source.stat().st_mtime), source.stat().st_size)
     assert not list(project.rglob("__pycache__"))
+
+
+def test_the_guest_finds_every_payload_assembled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The initramfs carries each payload the suite loads at the cache path the guest reads: the guest, with the
+    same cache, never starts the assembler."""
+    monkeypatch.setenv(asm.CACHE_ENV, str(tmp_path / "cache"))
+    files = {f.path for f in rootfs.payloads()}
+    assert files and all(f.startswith(str(tmp_path / "cache" / "asm").lstrip("/")) for f in files)
+    monkeypatch.setattr(asm, "_build", lambda *a: pytest.fail("assembled again"))
+    for payload in payloads.assemble_all():
+        assert {str(payload.cached / n).lstrip("/") for n in ("payload.bin", "symbols.json")} <= files
 
 
 def test_missing_dependency_is_one_line() -> None:

@@ -2,6 +2,7 @@
 each part wrong alone names itself, the row and both values, under its group."""
 import dataclasses
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -184,7 +185,7 @@ def test_prober_outcomes_carry_what_the_checks_compare(monkeypatch, crafted_vcpu
         def region_for(self, gpa: int) -> None:
             raise KeyError(gpa)
 
-    payload = asm.Payload("mem", 0x100000, b"", {"mem_write": INSN, "mem_write_end": INSN + 3})
+    payload = asm.Payload("mem", 0x100000, b"", {"mem_write": INSN, "mem_write_end": INSN + 3}, Path("/nonexistent"))
     monkeypatch.setattr(memfault, "run_for_fault", lambda m, vcpu: Fault(W, PAGE_A, 0, 3))
     out = memfault.Prober(machine(crafted_vcpu(0, 0, None), FakeVm(), payload), INTEL).resume(WRITE, PAGE_A + 0x120)
     assert (out.rule, out.insn_length, out.insn_rip, out.written) == (INTEL, 3, INSN, 0x5A)

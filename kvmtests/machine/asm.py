@@ -24,6 +24,7 @@ class Payload:
     base: int
     code: bytes
     symbols: dict[str, int]
+    cached: Path   # the cache directory it was assembled into
 
     def __getitem__(self, label: str) -> int:
         try:
@@ -93,4 +94,4 @@ def assemble(name: str, *, bits: int = 64, base: int, defines: dict[str, int]) -
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     symbols = json.loads((out / "symbols.json").read_text())
-    return Payload(name, base, (out / "payload.bin").read_bytes(), symbols)
+    return Payload(name, base, (out / "payload.bin").read_bytes(), symbols, out)

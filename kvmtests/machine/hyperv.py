@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from kvmtests import hvtlfs, uapi
 
-from . import guest
+from . import asm, guest
 from .kvm import Kvm, Unavailable, Vm
 
 REGS_IN_GPA = guest.UCALL_GPA + 0x800    # hcall.S: the FXSAVE image the guest restores before the call
@@ -142,6 +142,11 @@ def hv_cpuid(kvm: Kvm, vcpu: object, bits: CpuidBits, *, signature: bool = True)
     return base + out
 
 
+def hcall_payload(mode: int = 64) -> asm.Payload:
+    """The hypercall payload for a 64-bit or a 32-bit guest."""
+    return guest.load_payload("hcall" if mode == 64 else "hcall32", bits=mode, defines=HCALL_DEFINES)
+
+
 def build_hv_machine(vm: Vm, bits: CpuidBits | None = None, *, enforce_cpuid: bool = False,
                      irqchip: bool = True, guest_os_id: int = hvtlfs.GUEST_OS_ID_LINUX, mode: int = 64,
                      vcpus: int = 1) -> HvMachine:
@@ -151,7 +156,7 @@ def build_hv_machine(vm: Vm, bits: CpuidBits | None = None, *, enforce_cpuid: bo
         ret, err = vm.create_irqchip_raw()
         if ret < 0:
             raise Unavailable(f"KVM_CREATE_IRQCHIP failed ({uapi.errno_name(err)})")
-    payload = guest.load_payload("hcall" if mode == 64 else "hcall32", bits=mode, defines=HCALL_DEFINES)
+    payload = hcall_payload(mode)
     vmmcall = host_uses_vmmcall()
     machine = guest.build_machine(vm, payload, entry=f"hcall_{'vmmcall' if vmmcall else 'vmcall'}", bits=mode,
                                   vcpus=vcpus)

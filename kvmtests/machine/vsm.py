@@ -212,6 +212,12 @@ def guest_readings() -> dict[str, int]:
             "CONTEXT_CR4": CONTEXT_CR4}
 
 
+def vsm_payload(vmmcall: bool) -> asm.Payload:
+    """vsm.S for the layout and readings above, calling with VMMCALL (AMD) or VMCALL (Intel)."""
+    return asm.assemble("vsm", base=guest.CODE_GPA, defines={**guest.layout_defines(), **guest_layout(),
+                                                             **guest_readings(), "USE_VMMCALL": int(vmmcall)})
+
+
 def guest_layout() -> dict[str, int]:
     """The guest addresses vsm.S shares with the harness (the control page, input pages, VP 1's stack and port)."""
     names = ("CONTROL", "ENTRY_REASON", "RET_RAX", "RET_RCX", "MSG_TYPE", "MSG_GPA", "MSG_ACCESS", "VTL1_ENTRIES",
@@ -309,9 +315,7 @@ class Vsm:
     def _build(self, vps: int) -> None:
         hyperv.require_hyperv(self.kvm)
         self.vmmcall = hyperv.host_uses_vmmcall()
-        payload = asm.assemble("vsm", base=guest.CODE_GPA,
-                               defines={**guest.layout_defines(), **guest_layout(), **guest_readings(),
-                                        "USE_VMMCALL": int(self.vmmcall)})
+        payload = vsm_payload(self.vmmcall)
         self.vm0 = self.kvm.create_vm()
         self._irqchip(self.vm0)
         self.m0 = guest.build_machine(self.vm0, payload, vcpus=vps)

@@ -441,11 +441,13 @@ def _write_resume(path: Path, state: dict | None) -> None:
 
 def bochs_plan(args: argparse.Namespace, test_timeout: float, bytecode: Path) -> initramfs.GuestPlan:
     """What a Bochs guest holds: everything the suite runs with, its bytecode compiled here (into bytecode, beside
-    the test modules the host collection left there), the suite's command and environment."""
+    the test modules the host collection left there) and its payloads assembled here, the suite's command and
+    environment."""
     return initramfs.GuestPlan(
         project_dir=PROJECT_DIR, command=suite_command(GUEST_RESULTS, pytest_args(args.pytest_args), args.require),
         env=guest_env("bochs", os.environ, GUEST_RESULTS, test_timeout), results_dir=GUEST_RESULTS,
-        root_tag="", results_tag="", host_files=(*rootfs.collect(PROJECT_DIR), *rootfs.bytecode(PROJECT_DIR, bytecode)))
+        root_tag="", results_tag="",
+        host_files=(*rootfs.collect(PROJECT_DIR), *rootfs.bytecode(PROJECT_DIR, bytecode), *rootfs.payloads()))
 
 
 def _boot_bochs(args: argparse.Namespace, cell: Cell, tmp: Path, tools: bochs.BochsTools, base: Path) -> resume.BootFn:

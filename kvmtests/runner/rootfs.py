@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmtests.machine import payloads as machine_payloads
 from kvmtests.machine.tools import ToolMissing, require
 
 from .console import RunnerError
@@ -158,6 +159,16 @@ def bytecode(project_dir: Path, out: Path) -> list[HostFile]:
     mirror = out / str(project_dir).lstrip("/")   # a pycache prefix mirrors each source's directory
     return [HostFile(str(project_dir / pyc.parent.relative_to(mirror) / "__pycache__" / pyc.name).lstrip("/"), pyc,
                      False) for pyc in sorted(mirror.rglob("*.pyc"))]
+
+
+def payloads() -> list[HostFile]:
+    """The suite's guest payloads, assembled here into the cache at the path the guest looks in (it has this
+    host's HOME and KVMTESTS_CACHE): an emulated guest spent seconds of every boot running the assembler."""
+    try:
+        built = machine_payloads.assemble_all()
+    except ToolMissing as e:
+        raise RunnerError(str(e)) from None
+    return [HostFile(str(f).lstrip("/"), f, False) for p in built for f in sorted(p.cached.iterdir())]
 
 
 def collect(project_dir: Path) -> list[HostFile]:
