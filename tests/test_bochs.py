@@ -103,8 +103,9 @@ def test_collect_brings_python_binutils_libraries_and_the_project() -> None:
 
 
 def test_bytecode_is_the_guests_own_compiled_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Modules compiled, and test modules rewritten as pytest does by the host's collection, under __pycache__ beside their sources, valid for
-    the sources' mtime and size (which the initramfs keeps); nothing is written into the project itself."""
+    """Modules compiled, and test modules rewritten as pytest does by the host's collection, under __pycache__
+    beside their sources, valid for the sources' mtime and size (which the initramfs keeps); nothing is written
+    into the project itself."""
     project = tmp_path / "project"
     (project / "pkg").mkdir(parents=True)
     (project / "tests").mkdir()

@@ -146,16 +146,21 @@ def is_elf(path: Path) -> bool:
         return f.read(4) == b"\x7fELF"
 
 
+def pycache_env(out: Path) -> dict[str, str]:
+    """This environment with Python writing bytecode under out (a pycache prefix), never into the project: its
+    __pycache__ may be another Python's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "SOURCE_DATE_EPOCH")}
+    return env | {"PYTHONPYCACHEPREFIX": str(out)}
+
+
 def bytecode(project_dir: Path, out: Path) -> list[HostFile]:
     """The project's bytecode, compiled on the host into out, for the guest's __pycache__ directories: its modules,
     and its test modules as pytest rewrites them (left in out by the host's collection, qualify.host_collection);
     the emulated guest spent minutes of every boot compiling them. What does not compile here the guest compiles
     (and reports) itself, as before."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "SOURCE_DATE_EPOCH")}
-    env["PYTHONPYCACHEPREFIX"] = str(out)   # not into the project: its __pycache__ may be another Python's
     sources = [str(f) for f in walk(project_dir, PROJECT_SKIP) if f.suffix == ".py"]
     subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "timestamp", *sources],
-                   cwd=project_dir, env=env, capture_output=True)
+                   cwd=project_dir, env=pycache_env(out), capture_output=True)
     mirror = out / str(project_dir).lstrip("/")   # a pycache prefix mirrors each source's directory
     return [HostFile(str(project_dir / pyc.parent.relative_to(mirror) / "__pycache__" / pyc.name).lstrip("/"), pyc,
                      False) for pyc in sorted(mirror.rglob("*.pyc"))]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from kvmtests.verdict import features, report
 
+from . import rootfs
+
 # Host memory one emulator needs beyond the guest's own: QEMU's or Bochs's process, the console reader.
 EMULATOR_OVERHEAD_MB = 512
 # What a test and a test file cost a guest beyond a test's own duration, in the guest's seconds (measured under
@@ -39,8 +41,7 @@ def collect(command: Sequence[str], cwd: Path, bytecode: Path | None = None) -> 
     """The node ids the guest will collect, collected on the host from the same tree and arguments (None when
     the host cannot collect them: then each file's shard is decided by its name); the bytecode of what it imports
     goes under bytecode when given (a pycache prefix), else nowhere."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "SOURCE_DATE_EPOCH")}
-    env |= {"PYTHONPYCACHEPREFIX": str(bytecode)} if bytecode else {"PYTHONDONTWRITEBYTECODE": "1"}
+    env = rootfs.pycache_env(bytecode) if bytecode else os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     if done.returncode != 0:
         return None
